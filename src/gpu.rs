@@ -1,0 +1,524 @@
+//! The GPU context and the two entry points built on the fused kernel:
+//! [`GpuContext::encode`] (caller's buffers, caller's encoder) and [`GpuContext::score`] (host slices).
+//!
+//! Chunking lives here, once: a job is cut into runs of rows whose logits, targets and outputs
+//! each fit one storage binding, whose binding offsets respect the adapter's alignment, and whose
+//! workgroup count fits a 2-D dispatch. Both entry points go through [`GpuContext::encode`].
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::problem::{validate_targets, Dtype, Logits, Options, RowLoss, Targets, IGNORED_TARGET};
+
+/// The WGSL sources, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Shader {
+    /// The fused forward kernel.
+    Forward,
+}
+
+impl Shader {
+    fn source(self) -> &'static str {
+        match self {
+            Shader::Forward => include_str!("../shaders/xent_forward.wgsl"),
+        }
+    }
+}
+
+/// Compile-time choices of a pipeline: one compiled pipeline per distinct key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PipelineKey {
+    dtype: Dtype,
+    workgroup_size: u32,
+}
+
+/// Mirror of the shader's `Params` uniform.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    vocab: u32,
+    row_stride: u32,
+    logits_offset: u32,
+    targets_offset: u32,
+    out_offset: u32,
+    ignore: u32,
+    groups_x: u32,
+}
+
+/// Bytes of one [`RowLoss`] in the output buffer.
+pub const ROW_LOSS_BYTES: u64 = std::mem::size_of::<RowLoss>() as u64;
+
+/// Most workgroups along one dispatch dimension (WebGPU's guaranteed minimum, and NVIDIA's).
+const MAX_GROUPS_PER_DIM: u32 = 65_535;
+
+/// One scoring job over buffers the caller owns: what [`GpuContext::encode`] records.
+///
+/// Row `r`'s logits are elements `[r * row_stride, r * row_stride + vocab)` counted from byte
+/// `logits_offset` of `logits`, little-endian `dtype`. Targets are `u32`, one per row, from byte
+/// `targets_offset`; a target equal to `ignore` marks the row ignored. Results are [`RowLoss`]
+/// records (16 bytes) from byte `output_offset` of `output`.
+#[derive(Debug, Clone, Copy)]
+pub struct EncodeJob<'a> {
+    /// Buffer holding the logits (usage must include `STORAGE`).
+    pub logits: &'a wgpu::Buffer,
+    /// Byte offset of row 0's first logit; a multiple of the element size.
+    pub logits_offset: u64,
+    /// Element type of the logits.
+    pub dtype: Dtype,
+    /// Elements between the starts of consecutive rows (`>= vocab`).
+    pub row_stride: u64,
+    /// Number of rows.
+    pub rows: u64,
+    /// Logits per row.
+    pub vocab: u32,
+    /// Buffer of `u32` targets (usage must include `STORAGE`).
+    pub targets: &'a wgpu::Buffer,
+    /// Byte offset of row 0's target; a multiple of 4.
+    pub targets_offset: u64,
+    /// Target value meaning "ignore this row" (`None`: no row is ignored).
+    pub ignore: Option<u32>,
+    /// Buffer receiving one [`RowLoss`] per row (usage must include `STORAGE`).
+    pub output: &'a wgpu::Buffer,
+    /// Byte offset of row 0's result; a multiple of 16.
+    pub output_offset: u64,
+}
+
+/// A window of a buffer bound for one chunk: aligned byte offset, size, and the element index
+/// (in units of `unit` bytes) of the wanted start within the window.
+struct Window {
+    offset: u64,
+    size: u64,
+    first: u64,
+}
+
+/// Device, queue, compiled pipelines and the limits the kernels plan with.
+pub struct GpuContext {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    layout: wgpu::BindGroupLayout,
+    pipeline_layout: wgpu::PipelineLayout,
+    module: wgpu::ShaderModule,
+    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    workgroup_size: u32,
+    max_binding: u64,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .field("workgroup_size", &self.workgroup_size)
+            .field("max_binding", &self.max_binding)
+            .finish()
+    }
+}
+
+impl GpuContext {
+    /// Opens the best adapter (high performance; `WGPU_BACKEND` and `WGPU_ADAPTER_NAME` are honoured)
+    /// with every limit it offers, so that bindings can be as large as the hardware allows.
+    ///
+    /// # Errors
+    /// [`Error::NoAdapter`] when no adapter exists or the device cannot be opened.
+    pub fn new() -> Result<Self> {
+        pollster::block_on(Self::new_async())
+    }
+
+    /// Async form of [`GpuContext::new`].
+    ///
+    /// # Errors
+    /// As [`GpuContext::new`].
+    pub async fn new_async() -> Result<Self> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+        // Vulkan, Metal, DX12 (and WebGPU in a browser); GL only when asked for by WGPU_BACKEND.
+        desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+        let instance = wgpu::Instance::new(desc);
+        let adapter = wgpu::util::initialize_adapter_from_env_or_default(&instance, None)
+            .await
+            .map_err(|e| Error::NoAdapter(e.to_string()))?;
+        let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("xent"),
+                required_features: adapter.features() & wanted,
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::NoAdapter(format!("{}: {e}", adapter.get_info().name)))?;
+        Ok(Self::from_device(device, queue))
+    }
+
+    /// Wraps a device and queue the caller already has (an inference engine's), reading its limits.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        let limits = device.limits();
+        let info = device.adapter_info();
+        let workgroup_size =
+            256.min(limits.max_compute_invocations_per_workgroup).min(limits.max_compute_workgroup_size_x);
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("xent forward bind group layout"),
+            entries: &[
+                layout_entry(0, wgpu::BufferBindingType::Uniform),
+                layout_entry(1, wgpu::BufferBindingType::Storage { read_only: true }),
+                layout_entry(2, wgpu::BufferBindingType::Storage { read_only: true }),
+                layout_entry(3, wgpu::BufferBindingType::Storage { read_only: false }),
+            ],
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("xent forward pipeline layout"),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("xent_forward.wgsl"),
+            source: wgpu::ShaderSource::Wgsl(Shader::Forward.source().into()),
+        });
+        let max_binding = u64::from(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size);
+        GpuContext {
+            device,
+            queue,
+            info,
+            layout,
+            pipeline_layout,
+            module,
+            pipelines: Mutex::new(HashMap::new()),
+            workgroup_size,
+            max_binding,
+        }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+    /// The queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+    /// The adapter's description (name, backend, driver).
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+    /// Invocations per workgroup of the forward kernel.
+    pub fn workgroup_size(&self) -> u32 {
+        self.workgroup_size
+    }
+    /// Largest storage binding the planner uses, in bytes.
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.max_binding
+    }
+
+    /// Lowers the largest binding the planner will use (never raises it above the device's limit).
+    /// Tests use this to force many chunks on small inputs.
+    pub fn set_max_binding_bytes(&mut self, bytes: u64) {
+        let limit = u64::from(self.device.limits().max_storage_buffer_binding_size);
+        self.max_binding = bytes.min(limit).max(1024);
+    }
+
+    fn pipeline(&self, key: PipelineKey) -> wgpu::ComputePipeline {
+        let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry(key)
+            .or_insert_with(|| {
+                let dtype_code = match key.dtype {
+                    Dtype::F32 => 0.0,
+                    Dtype::F16 => 1.0,
+                    Dtype::BF16 => 2.0,
+                };
+                self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some("xent forward"),
+                    layout: Some(&self.pipeline_layout),
+                    module: &self.module,
+                    entry_point: Some("main"),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: &[("DTYPE", dtype_code), ("WG_SIZE", f64::from(key.workgroup_size))],
+                        // Every workgroup variable is written before it is read.
+                        zero_initialize_workgroup_memory: false,
+                    },
+                    cache: None,
+                })
+            })
+            .clone()
+    }
+
+    /// Most rows of one chunk for a given layout, or an error if not even one row fits a binding.
+    fn rows_per_chunk(&self, dtype: Dtype, row_stride: u64, vocab: u64) -> Result<u64> {
+        let align = u64::from(self.device.limits().min_storage_buffer_offset_alignment);
+        let es = dtype.size() as u64;
+        // Worst-case slack a window needs: offset rounded down to `align`, end rounded up to 4.
+        let room = self.max_binding.saturating_sub(align + 4);
+        if vocab * es > room {
+            return Err(Error::Shape(format!(
+                "a row of {vocab} {dtype} logits ({} bytes) exceeds this adapter's largest storage binding ({} bytes)",
+                vocab * es,
+                self.max_binding
+            )));
+        }
+        let by_logits = (room / es - vocab) / row_stride.max(1) + 1;
+        let by_output = room / ROW_LOSS_BYTES;
+        let by_dispatch = u64::from(MAX_GROUPS_PER_DIM) * u64::from(MAX_GROUPS_PER_DIM);
+        Ok(by_logits.min(by_output).min(by_dispatch).min(u64::from(u32::MAX)))
+    }
+
+    /// Records the fused forward kernel over `job` into `encoder`: no submit, no sync, no copy.
+    /// Chunked automatically when the job exceeds a binding or a dispatch.
+    ///
+    /// Targets are not validated here (they live on the device): an out-of-range target gives a
+    /// NaN `nll` and the [`RowLoss::BAD_TARGET`] flag for its row.
+    ///
+    /// # Errors
+    /// [`Error::Buffer`] when a region lies outside its buffer, is misaligned, or a buffer lacks
+    /// `STORAGE` usage; [`Error::Shape`] when `vocab` is 0, `row_stride < vocab`, or one row is
+    /// larger than a binding.
+    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder, job: &EncodeJob<'_>) -> Result<()> {
+        let es = job.dtype.size() as u64;
+        let vocab = u64::from(job.vocab);
+        if vocab == 0 {
+            return Err(Error::Shape("vocab is 0".into()));
+        }
+        if job.row_stride < vocab && job.rows > 1 {
+            return Err(Error::Shape(format!("row_stride {} is less than vocab {vocab}", job.row_stride)));
+        }
+        if job.rows == 0 {
+            return Ok(());
+        }
+        if job.logits_offset % es != 0 || job.targets_offset % 4 != 0 || job.output_offset % ROW_LOSS_BYTES != 0 {
+            return Err(Error::Buffer(
+                "logits_offset must be a multiple of the element size, targets_offset of 4, output_offset of 16".into(),
+            ));
+        }
+        if job.row_stride > u64::from(u32::MAX) {
+            return Err(Error::Shape(format!("row_stride {} does not fit in u32", job.row_stride)));
+        }
+        let logits_end = job.logits_offset + ((job.rows - 1) * job.row_stride + vocab) * es;
+        check_region("logits", job.logits, logits_end)?;
+        check_region("targets", job.targets, job.targets_offset + job.rows * 4)?;
+        check_region("output", job.output, job.output_offset + job.rows * ROW_LOSS_BYTES)?;
+
+        let chunk = self.rows_per_chunk(job.dtype, job.row_stride, vocab)?;
+        let pipeline = self.pipeline(PipelineKey { dtype: job.dtype, workgroup_size: self.workgroup_size });
+        let uniform_stride = u64::from(self.device.limits().min_uniform_buffer_offset_alignment)
+            .max(std::mem::size_of::<Params>() as u64);
+        let n_chunks = job.rows.div_ceil(chunk);
+
+        // Plan every chunk first: its windows and its uniform slot.
+        let mut uniform_bytes = vec![0u8; (n_chunks * uniform_stride) as usize];
+        let mut plans = Vec::with_capacity(n_chunks as usize);
+        for c in 0..n_chunks {
+            let r0 = c * chunk;
+            let rows = chunk.min(job.rows - r0);
+            let start = job.logits_offset + r0 * job.row_stride * es;
+            let end = start + ((rows - 1) * job.row_stride + vocab) * es;
+            let lw = self.window(job.logits, start, end, es);
+            let tw = self.window(job.targets, job.targets_offset + r0 * 4, job.targets_offset + (r0 + rows) * 4, 4);
+            let ow = self.window(
+                job.output,
+                job.output_offset + r0 * ROW_LOSS_BYTES,
+                job.output_offset + (r0 + rows) * ROW_LOSS_BYTES,
+                ROW_LOSS_BYTES,
+            );
+            let groups_x = (rows as u32).min(MAX_GROUPS_PER_DIM);
+            let params = Params {
+                rows: rows as u32,
+                vocab: job.vocab,
+                row_stride: job.row_stride as u32,
+                logits_offset: lw.first as u32,
+                targets_offset: tw.first as u32,
+                out_offset: ow.first as u32,
+                ignore: job.ignore.unwrap_or(IGNORED_TARGET),
+                groups_x,
+            };
+            let slot = (c * uniform_stride) as usize;
+            uniform_bytes[slot..slot + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&params));
+            plans.push((lw, tw, ow, groups_x, (rows as u32).div_ceil(groups_x)));
+        }
+        let uniforms = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("xent params"),
+            contents: &uniform_bytes,
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("xent forward"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipeline);
+        for (c, (lw, tw, ow, gx, gy)) in plans.iter().enumerate() {
+            let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("xent forward bind group"),
+                layout: &self.layout,
+                entries: &[
+                    buffer_entry(0, &uniforms, c as u64 * uniform_stride, std::mem::size_of::<Params>() as u64),
+                    buffer_entry(1, job.logits, lw.offset, lw.size),
+                    buffer_entry(2, job.targets, tw.offset, tw.size),
+                    buffer_entry(3, job.output, ow.offset, ow.size),
+                ],
+            });
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(*gx, *gy, 1);
+        }
+        Ok(())
+    }
+
+    /// The aligned window of `buffer` covering bytes `[start, end)`, counting `first` in `unit`s.
+    fn window(&self, buffer: &wgpu::Buffer, start: u64, end: u64, unit: u64) -> Window {
+        let align = u64::from(self.device.limits().min_storage_buffer_offset_alignment);
+        let offset = start / align * align;
+        let end = end.next_multiple_of(4).min(buffer.size());
+        Window { offset, size: end - offset, first: (start - offset) / unit }
+    }
+
+    /// Scores host logits on the GPU: validates targets, uploads chunk by chunk, runs the fused
+    /// kernel, reads back one [`RowLoss`] per row.
+    ///
+    /// # Errors
+    /// As [`validate_targets`], and [`Error::Gpu`] if the device reports an error.
+    pub fn score(&self, logits: Logits<'_>, targets: Targets<'_>, opts: &Options) -> Result<Vec<RowLoss>> {
+        let t = validate_targets(targets, logits.rows(), logits.vocab(), opts)?;
+        self.score_validated(logits, &t)
+    }
+
+    /// [`GpuContext::score`] with targets already in kernel form (see [`validate_targets`]).
+    pub(crate) fn score_validated(&self, logits: Logits<'_>, targets: &[u32]) -> Result<Vec<RowLoss>> {
+        let rows = logits.rows() as u64;
+        let vocab = logits.vocab() as u64;
+        let mut out = vec![RowLoss { nll: 0.0, lse: 0.0, argmax: 0, flags: 0 }; logits.rows()];
+        if rows == 0 {
+            return Ok(out);
+        }
+        // Our own buffers start at offset 0, so the planner's alignment slack is spare here.
+        let chunk = self.rows_per_chunk(logits.dtype(), vocab, vocab)?.min(rows);
+        let rb = logits.row_bytes() as u64;
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+        let logits_buf = self.buffer("xent logits", (chunk * rb).next_multiple_of(4), storage);
+        let targets_buf = self.buffer("xent targets", chunk * 4, storage);
+        let out_buf = self.buffer("xent output", chunk * ROW_LOSS_BYTES, storage | wgpu::BufferUsages::COPY_SRC);
+        let readback = self.buffer(
+            "xent readback",
+            chunk * ROW_LOSS_BYTES,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
+        // Poison: an unwritten result reads as NaN with every flag set, never as a plausible row.
+        let poison = vec![0xffu8; (chunk * ROW_LOSS_BYTES) as usize];
+
+        for r0 in (0..rows).step_by(chunk as usize) {
+            let n = chunk.min(rows - r0);
+            let bytes = logits.slice_rows(r0 as usize, (r0 + n) as usize).bytes();
+            write_padded(&self.queue, &logits_buf, bytes);
+            self.queue.write_buffer(
+                &targets_buf,
+                0,
+                bytemuck::cast_slice(&targets[r0 as usize..(r0 + n) as usize]),
+            );
+            self.queue.write_buffer(&out_buf, 0, &poison[..(n * ROW_LOSS_BYTES) as usize]);
+            let mut encoder =
+                self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("xent score") });
+            self.encode(
+                &mut encoder,
+                &EncodeJob {
+                    logits: &logits_buf,
+                    logits_offset: 0,
+                    dtype: logits.dtype(),
+                    row_stride: vocab,
+                    rows: n,
+                    vocab: vocab as u32,
+                    targets: &targets_buf,
+                    targets_offset: 0,
+                    ignore: Some(IGNORED_TARGET),
+                    output: &out_buf,
+                    output_offset: 0,
+                },
+            )?;
+            encoder.copy_buffer_to_buffer(&out_buf, 0, &readback, 0, n * ROW_LOSS_BYTES);
+            self.queue.submit([encoder.finish()]);
+            let dst = &mut out[r0 as usize..(r0 + n) as usize];
+            read_buffer(&self.device, &readback, n * ROW_LOSS_BYTES, bytemuck::cast_slice_mut(dst))?;
+        }
+        if let Some(e) = pollster::block_on(oom.pop()) {
+            return Err(Error::Gpu(e.to_string()));
+        }
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(e.to_string()));
+        }
+        Ok(out)
+    }
+
+    fn buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+    }
+}
+
+fn layout_entry(binding: u32, ty: wgpu::BufferBindingType) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer { ty, has_dynamic_offset: false, min_binding_size: None },
+        count: None,
+    }
+}
+
+fn buffer_entry(binding: u32, buffer: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BindGroupEntry<'_> {
+    wgpu::BindGroupEntry {
+        binding,
+        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer,
+            offset,
+            size: std::num::NonZeroU64::new(size),
+        }),
+    }
+}
+
+fn check_region(what: &str, buffer: &wgpu::Buffer, end: u64) -> Result<()> {
+    if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+        return Err(Error::Buffer(format!("the {what} buffer lacks STORAGE usage")));
+    }
+    if end > buffer.size() {
+        return Err(Error::Buffer(format!(
+            "the {what} region ends at byte {end}, past the buffer's {} bytes",
+            buffer.size()
+        )));
+    }
+    Ok(())
+}
+
+/// `write_buffer` needs a multiple of 4 bytes: the last partial word is padded with zeros.
+fn write_padded(queue: &wgpu::Queue, buffer: &wgpu::Buffer, bytes: &[u8]) {
+    let whole = bytes.len() / 4 * 4;
+    if whole > 0 {
+        queue.write_buffer(buffer, 0, &bytes[..whole]);
+    }
+    if whole < bytes.len() {
+        let mut tail = [0u8; 4];
+        tail[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
+        queue.write_buffer(buffer, whole as u64, &tail);
+    }
+}
+
+/// The one readback helper: map, one poll, copy out, unmap.
+///
+/// # Errors
+/// [`Error::Gpu`] if mapping fails or the device is lost.
+pub fn read_buffer(device: &wgpu::Device, buffer: &wgpu::Buffer, size: u64, dst: &mut [u8]) -> Result<()> {
+    let slice = buffer.slice(..size);
+    let (tx, rx) = std::sync::mpsc::channel();
+    slice.map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
+    rx.recv()
+        .map_err(|e| Error::Gpu(e.to_string()))?
+        .map_err(|e| Error::Gpu(e.to_string()))?;
+    {
+        let view = slice.get_mapped_range().map_err(|e| Error::Gpu(e.to_string()))?;
+        dst.copy_from_slice(&view[..dst.len()]);
+    }
+    buffer.unmap();
+    Ok(())
+}

@@ -1,0 +1,288 @@
+//! Tensors from `.npy` and `.safetensors` files, memory-mapped and validated before use.
+//!
+//! Every check that depends on the file happens here, so that a bad file gives one clear error
+//! naming the file, the tensor and what is wrong, and never a panic or an absurd allocation.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::problem::{Dtype, Logits, Targets};
+
+/// Element type of a tensor in a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElemType {
+    /// 32-bit float.
+    F32,
+    /// 16-bit float.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// 64-bit signed integer.
+    I64,
+    /// 32-bit signed integer.
+    I32,
+    /// 32-bit unsigned integer.
+    U32,
+}
+
+impl ElemType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            ElemType::F32 | ElemType::I32 | ElemType::U32 => 4,
+            ElemType::F16 | ElemType::BF16 => 2,
+            ElemType::I64 => 8,
+        }
+    }
+}
+
+/// A tensor read from a file: a memory map and where its data lies in it.
+pub struct Tensor {
+    map: memmap2::Mmap,
+    start: usize,
+    end: usize,
+    /// Element type.
+    pub elem: ElemType,
+    /// Shape, outermost first (C order).
+    pub shape: Vec<usize>,
+    /// `path` or `path:tensor`, for messages.
+    pub name: String,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tensor").field("name", &self.name).field("elem", &self.elem).field("shape", &self.shape).finish()
+    }
+}
+
+impl Tensor {
+    /// The tensor's raw little-endian bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.start..self.end]
+    }
+
+    fn err(&self, reason: impl Into<String>) -> Error {
+        Error::File { path: self.name.clone(), reason: reason.into() }
+    }
+
+    /// Views the tensor as logits: rank 2 `[N, V]` or rank 3 `[B, T, V]`, a float dtype.
+    ///
+    /// # Errors
+    /// [`Error::File`] naming the tensor for a wrong rank, vocab 0 or an integer dtype.
+    pub fn logits(&self) -> Result<Logits<'_>> {
+        let dtype = match self.elem {
+            ElemType::F32 => Dtype::F32,
+            ElemType::F16 => Dtype::F16,
+            ElemType::BF16 => Dtype::BF16,
+            other => return Err(self.err(format!("logits must be f32, f16 or bf16, found {other:?}"))),
+        };
+        let (rows, vocab) = match self.shape[..] {
+            [n, v] => (n, v),
+            [b, t, v] => (b.checked_mul(t).ok_or_else(|| self.err("shape overflows"))?, v),
+            _ => {
+                return Err(self.err(format!(
+                    "logits must have rank 2 [N, V] or 3 [B, T, V], found shape {:?}",
+                    self.shape
+                )))
+            }
+        };
+        if vocab == 0 {
+            return Err(self.err(format!("logits have vocab 0 (shape {:?})", self.shape)));
+        }
+        Logits::from_bytes(self.bytes(), dtype, rows, vocab).map_err(|e| self.err(e.to_string()))
+    }
+
+    /// Views the tensor as targets: rank 1 `[N]` or rank 2 `[B, T]`, an integer dtype.
+    ///
+    /// # Errors
+    /// [`Error::File`] naming the tensor for a wrong rank or a float dtype, or data that is not
+    /// aligned for its type (`.npy` data always is; `.safetensors` data should be).
+    pub fn targets(&self) -> Result<Targets<'_>> {
+        if !(1..=2).contains(&self.shape.len()) {
+            return Err(self.err(format!("targets must have rank 1 [N] or 2 [B, T], found shape {:?}", self.shape)));
+        }
+        let bytes = self.bytes();
+        let misaligned = |_| self.err("target data is not aligned to its element size");
+        Ok(match self.elem {
+            ElemType::I64 => Targets::I64(bytemuck::try_cast_slice(bytes).map_err(misaligned)?),
+            ElemType::I32 => Targets::I32(bytemuck::try_cast_slice(bytes).map_err(misaligned)?),
+            ElemType::U32 => Targets::U32(bytemuck::try_cast_slice(bytes).map_err(misaligned)?),
+            other => return Err(self.err(format!("targets must be i64, i32 or u32, found {other:?}"))),
+        })
+    }
+}
+
+/// Opens a tensor by extension: `.npy`, or `.safetensors` with an optional tensor name.
+///
+/// In a `.safetensors` file with several tensors and no `key`, the tensor is chosen by the first
+/// of `default_keys` present (for example `logits`, or `targets`/`labels`).
+///
+/// # Errors
+/// [`Error::Io`] if the file cannot be opened; [`Error::File`] for an unknown extension, a
+/// malformed header, a truncated file or a missing tensor.
+pub fn open(path: &Path, key: Option<&str>, default_keys: &[&str]) -> Result<Tensor> {
+    let display = path.display().to_string();
+    let io = |source| Error::Io { path: display.clone(), source };
+    let file = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: the map is read-only. A file truncated by another process while mapped can
+    // fault; xent reads files it was given and does not modify them.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("npy") => open_npy(map, display),
+        Some("safetensors") => open_safetensors(map, display, key, default_keys),
+        _ => Err(Error::File { path: display, reason: "unknown extension: expected .npy or .safetensors".into() }),
+    }
+}
+
+fn open_npy(map: memmap2::Mmap, path: String) -> Result<Tensor> {
+    let bad = |reason: String| Error::File { path: path.clone(), reason };
+    if map.len() < 10 || &map[..6] != b"\x93NUMPY" {
+        return Err(bad("not a .npy file (bad magic)".into()));
+    }
+    let (header_len, header_start) = match map[6] {
+        1 => (usize::from(u16::from_le_bytes([map[8], map[9]])), 10),
+        2 | 3 if map.len() >= 12 => (u32::from_le_bytes([map[8], map[9], map[10], map[11]]) as usize, 12),
+        v => return Err(bad(format!("unsupported .npy version {v}"))),
+    };
+    let data_start = header_start + header_len;
+    if data_start > map.len() {
+        return Err(bad(format!("header of {header_len} bytes runs past the end of the {}-byte file", map.len())));
+    }
+    let header = std::str::from_utf8(&map[header_start..data_start])
+        .map_err(|_| bad("header is not valid text".into()))?;
+    let descr = dict_str(header, "descr").ok_or_else(|| bad("header has no 'descr'".into()))?;
+    let elem = match descr {
+        "<f4" => ElemType::F32,
+        "<f2" => ElemType::F16,
+        "<i8" => ElemType::I64,
+        "<i4" => ElemType::I32,
+        "<u4" => ElemType::U32,
+        other => {
+            return Err(bad(format!(
+                "dtype '{other}' is not supported (logits: <f4, <f2; targets: <i8, <i4, <u4)"
+            )))
+        }
+    };
+    match dict_raw(header, "fortran_order") {
+        Some(v) if v.starts_with("False") => {}
+        Some(v) if v.starts_with("True") => return Err(bad("Fortran-order arrays are not supported".into())),
+        _ => return Err(bad("header has no valid 'fortran_order'".into())),
+    }
+    let shape = dict_raw(header, "shape")
+        .and_then(parse_shape)
+        .ok_or_else(|| bad("header has no valid 'shape'".into()))?;
+    let want = shape
+        .iter()
+        .try_fold(elem.size(), |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+    let have = map.len() - data_start;
+    if have != want {
+        return Err(bad(format!(
+            "shape {shape:?} of {descr} needs {want} data bytes, the file has {have}{}",
+            if have < want { " (truncated?)" } else { "" }
+        )));
+    }
+    Ok(Tensor { end: map.len(), map, start: data_start, elem, shape, name: path })
+}
+
+/// The text after `'key':` in a Python dict literal, trimmed at the start.
+fn dict_raw<'h>(header: &'h str, key: &str) -> Option<&'h str> {
+    let pat = format!("'{key}':");
+    let at = header.find(&pat)? + pat.len();
+    Some(header[at..].trim_start())
+}
+
+/// A quoted string value in a Python dict literal.
+fn dict_str<'h>(header: &'h str, key: &str) -> Option<&'h str> {
+    let rest = dict_raw(header, key)?.strip_prefix('\'')?;
+    Some(&rest[..rest.find('\'')?])
+}
+
+/// `(2, 3)`, `(5,)` or `()`.
+fn parse_shape(raw: &str) -> Option<Vec<usize>> {
+    let inner = raw.strip_prefix('(')?;
+    let inner = &inner[..inner.find(')')?];
+    inner.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse().ok()).collect()
+}
+
+fn open_safetensors(map: memmap2::Mmap, path: String, key: Option<&str>, default_keys: &[&str]) -> Result<Tensor> {
+    let bad = |reason: String| Error::File { path: path.clone(), reason };
+    // read_metadata rejects headers over 100 MB and headers longer than the file before
+    // reading them, so an absurd header length costs nothing.
+    let (n, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| bad(format!("bad .safetensors: {e}")))?;
+    let names = meta.offset_keys();
+    let name = match key {
+        Some(k) => k.to_string(),
+        None if names.len() == 1 => names[0].clone(),
+        None => default_keys
+            .iter()
+            .find(|k| names.iter().any(|n| n == *k))
+            .map(|k| k.to_string())
+            .ok_or_else(|| bad(format!("holds tensors {names:?}: say which with a key (tried {default_keys:?})")))?,
+    };
+    let info = meta
+        .info(&name)
+        .ok_or_else(|| bad(format!("no tensor '{name}' (it holds {names:?})")))?;
+    use safetensors::Dtype as D;
+    let elem = match info.dtype {
+        D::F32 => ElemType::F32,
+        D::F16 => ElemType::F16,
+        D::BF16 => ElemType::BF16,
+        D::I64 => ElemType::I64,
+        D::I32 => ElemType::I32,
+        D::U32 => ElemType::U32,
+        other => {
+            return Err(bad(format!(
+                "tensor '{name}' has dtype {other:?}, not supported (logits: F32, F16, BF16; targets: I64, I32, U32)"
+            )))
+        }
+    };
+    let start = 8 + n + info.data_offsets.0;
+    let end = 8 + n + info.data_offsets.1;
+    Ok(Tensor { map, start, end, elem, shape: info.shape.clone(), name: format!("{path}: tensor '{name}'") })
+}
+
+/// Writes a little-endian `<f4` `.npy` file atomically.
+///
+/// # Errors
+/// [`Error::Io`] on any write failure.
+pub fn write_npy_f32(path: &Path, data: &[f32]) -> Result<()> {
+    write_npy(path, "<f4", &[data.len()], bytemuck::cast_slice(data))
+}
+
+/// Writes a `.npy` file of dtype `descr` (such as `<f4`, `<i8`) and `shape` from raw
+/// little-endian bytes, atomically (see [`write_atomic`]).
+///
+/// # Errors
+/// [`Error::Io`] on any write failure.
+pub fn write_npy(path: &Path, descr: &str, shape: &[usize], bytes: &[u8]) -> Result<()> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let dims = if shape.len() == 1 { format!("{},", dims[0]) } else { dims.join(", ") };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}");
+    // Pad so that the data starts on a 64-byte boundary, as numpy does.
+    let total = (10 + header.len() + 1).next_multiple_of(64);
+    header.push_str(&" ".repeat(total - 10 - header.len() - 1));
+    header.push('\n');
+    let mut out = Vec::with_capacity(total + bytes.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(bytes);
+    write_atomic(path, &out)
+}
+
+/// Writes `bytes` to a temporary file in the same directory, then renames it over `path`,
+/// so that `path` only ever appears complete.
+///
+/// # Errors
+/// [`Error::Io`] naming `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |source| Error::Io { path: path.display().to_string(), source };
+    let file_name = path.file_name().ok_or_else(|| io(std::io::Error::other("not a file name")))?;
+    let tmp = path.with_file_name(format!(".{}.tmp{}", file_name.to_string_lossy(), std::process::id()));
+    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
