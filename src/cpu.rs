@@ -68,16 +68,18 @@ pub(crate) fn row(x: &[f32], t: u32) -> RowLoss {
         x.iter().position(|&v| v == mx).map_or(u32::MAX, |i| i as u32)
     };
     // Pass 2: sum of exp(x - max), from cache.
-    let mut s = [0f32; LANES];
+    // Terms are f32 (as on the GPU); lanes accumulate in f64 so long rows lose nothing to the sum.
+    let mut s = [0f64; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
     for c in chunks {
         for k in 0..LANES {
-            s[k] += (c[k] - mx).exp();
+            s[k] += f64::from((c[k] - mx).exp());
         }
     }
-    let mut sum: f32 = tail.iter().map(|&v| (v - mx).exp()).sum();
-    sum += s.iter().sum::<f32>();
+    let mut sum: f64 = tail.iter().map(|&v| f64::from((v - mx).exp())).sum();
+    sum += s.iter().sum::<f64>();
+    let sum = sum as f32;
     let broken = bad || mx == f32::NEG_INFINITY;
     let log_s = sum.ln();
     let lse = if broken { f32::NAN } else { mx + log_s };

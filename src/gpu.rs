@@ -246,8 +246,12 @@ impl GpuContext {
             .clone()
     }
 
-    /// Most rows of one chunk for a given layout, or an error if not even one row fits a binding.
-    fn rows_per_chunk(&self, dtype: Dtype, row_stride: u64, vocab: u64) -> Result<u64> {
+    /// Most rows one dispatch covers for a given layout: limited by the storage binding (logits,
+    /// outputs) and the 2-D dispatch size. Larger jobs are split into chunks of this many rows.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when not even one row fits a binding.
+    pub fn rows_per_chunk(&self, dtype: Dtype, row_stride: u64, vocab: u64) -> Result<u64> {
         let align = u64::from(self.device.limits().min_storage_buffer_offset_alignment);
         let es = dtype.size() as u64;
         // Worst-case slack a window needs: offset rounded down to `align`, end rounded up to 4.
@@ -276,6 +280,21 @@ impl GpuContext {
     /// `STORAGE` usage; [`Error::Shape`] when `vocab` is 0, `row_stride < vocab`, or one row is
     /// larger than a binding.
     pub fn encode(&self, encoder: &mut wgpu::CommandEncoder, job: &EncodeJob<'_>) -> Result<()> {
+        self.encode_timed(encoder, job, None)
+    }
+
+    /// [`GpuContext::encode`], with the compute pass writing `timestamps` at its start and end
+    /// (the device needs `Features::TIMESTAMP_QUERY`). All chunks share one pass, so the two
+    /// timestamps bracket the whole job.
+    ///
+    /// # Errors
+    /// As [`GpuContext::encode`].
+    pub fn encode_timed(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        job: &EncodeJob<'_>,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
         let es = job.dtype.size() as u64;
         let vocab = u64::from(job.vocab);
         if vocab == 0 {
@@ -345,7 +364,7 @@ impl GpuContext {
 
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("xent forward"),
-            timestamp_writes: None,
+            timestamp_writes: timestamps,
         });
         pass.set_pipeline(&pipeline);
         for (c, (lw, tw, ow, gx, gy)) in plans.iter().enumerate() {

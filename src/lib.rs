@@ -51,6 +51,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod cpu;
 mod error;
 mod gpu;
@@ -58,6 +59,7 @@ pub mod io;
 mod problem;
 pub mod reference;
 mod summary;
+pub mod synth;
 
 pub use error::{Error, Result};
 pub use gpu::{read_buffer, EncodeJob, GpuContext, ROW_LOSS_BYTES};

@@ -1,1 +1,452 @@
-fn main() {}
+//! `xent`: cross-entropy, perplexity and accuracy over `.npy` / `.safetensors` logits, on the GPU.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use xent::{Dtype, GpuContext, Logits, Options, RowLoss, Summary, Targets};
+
+#[derive(Parser)]
+#[command(name = "xent", version, about = "Fused cross-entropy over huge logits on the GPU (wgpu), checked against an f64 CPU reference")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Score logits against targets: mean nll, perplexity ± stderr, bits per token, accuracy.
+    Score(ScoreArgs),
+    /// Time the GPU kernel and the CPU paths on generated logits.
+    Bench(BenchArgs),
+    /// Show the adapter, backend, features and the limits the kernels plan with.
+    Info,
+    /// Generate a realistic evaluation set, score it on GPU and CPU, show agreement and speed.
+    Demo(DemoArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    Auto,
+    Gpu,
+    Cpu,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BenchDevice {
+    Auto,
+    Gpu,
+    Cpu,
+    All,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DtypeArg> for Dtype {
+    fn from(d: DtypeArg) -> Dtype {
+        match d {
+            DtypeArg::F32 => Dtype::F32,
+            DtypeArg::F16 => Dtype::F16,
+            DtypeArg::Bf16 => Dtype::BF16,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct ScoreArgs {
+    /// Logits: .npy (<f4, <f2) or .safetensors (F32, F16, BF16), shape [N, V] or [B, T, V].
+    #[arg(long)]
+    logits: PathBuf,
+    /// Targets: .npy (<i8, <i4, <u4) or .safetensors (I64, I32, U32), shape [N] or [B, T].
+    #[arg(long)]
+    targets: PathBuf,
+    /// Where to run: the GPU, the CPU, or the GPU when one exists (said on stderr).
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceArg,
+    /// Target value whose rows are skipped (nll 0, not in the mean).
+    #[arg(long, default_value_t = -100, allow_hyphen_values = true)]
+    ignore_index: i64,
+    /// Write each row's nll (nats, 0.0 where ignored) as a <f4 .npy of shape [N].
+    #[arg(long)]
+    per_token: Option<PathBuf>,
+    /// Print one JSON object on stdout (human text goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Tensor name of the logits in a .safetensors file (default: its only tensor, or "logits").
+    #[arg(long)]
+    logits_key: Option<String>,
+    /// Tensor name of the targets in a .safetensors file (default: its only tensor, or "targets"/"labels").
+    #[arg(long)]
+    targets_key: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Rows of generated logits.
+    #[arg(long, default_value_t = 256)]
+    rows: usize,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 128_256)]
+    vocab: usize,
+    /// Logits dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// Which paths to time.
+    #[arg(long, value_enum, default_value = "all")]
+    device: BenchDevice,
+    /// Timed runs per path (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Rows of the generated evaluation set.
+    #[arg(long, default_value_t = 768)]
+    rows: usize,
+    /// Vocabulary size (GPT-2's by default).
+    #[arg(long, default_value_t = 50_257)]
+    vocab: usize,
+    /// Seed of the generator.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Score(a) => score(&a),
+        Command::Bench(a) => bench(&a),
+        Command::Info => info(),
+        Command::Demo(a) => demo(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The GPU context, or `None` for the CPU, as `--device` asks.
+fn pick_device(device: DeviceArg) -> Result<Option<GpuContext>> {
+    match device {
+        DeviceArg::Cpu => Ok(None),
+        DeviceArg::Gpu => Ok(Some(GpuContext::new().context("--device gpu")?)),
+        DeviceArg::Auto => match GpuContext::new() {
+            Ok(ctx) => {
+                eprintln!("xent: device auto: using the GPU ({})", ctx.adapter_info().name);
+                Ok(Some(ctx))
+            }
+            Err(e) => {
+                eprintln!("xent: device auto: {e}; using the CPU");
+                Ok(None)
+            }
+        },
+    }
+}
+
+fn score(a: &ScoreArgs) -> Result<()> {
+    let gpu = pick_device(a.device)?;
+    let opts = Options { ignore_index: a.ignore_index };
+    // Timed from opening the inputs to the last result (device creation excluded, as documented).
+    let start = Instant::now();
+    let lt = xent::io::open(&a.logits, a.logits_key.as_deref(), &["logits"])?;
+    let tt = xent::io::open(&a.targets, a.targets_key.as_deref(), &["targets", "labels"])?;
+    let logits = lt.logits()?;
+    let targets = tt.targets()?;
+    check_shapes(&lt, &tt, logits, targets)?;
+    let rows = run(gpu.as_ref(), logits, targets, &opts).map_err(|e| match e {
+        xent::Error::TargetOutOfRange { .. } | xent::Error::RowMismatch { .. } => anyhow!("{}: {e}", tt.name),
+        other => anyhow!(other),
+    })?;
+    let summary = Summary::of(&rows);
+    let seconds = start.elapsed().as_secs_f64();
+    if let Some(path) = &a.per_token {
+        let nll: Vec<f32> = rows.iter().map(|r| r.nll).collect();
+        xent::io::write_npy_f32(path, &nll)?;
+    }
+    let device = if gpu.is_some() { "gpu" } else { "cpu" };
+    let text = human_summary(&summary, device, seconds);
+    if a.json {
+        eprint!("{text}");
+        println!("{}", json_summary(&summary, device, seconds));
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+fn check_shapes(lt: &xent::io::Tensor, tt: &xent::io::Tensor, logits: Logits<'_>, targets: Targets<'_>) -> Result<()> {
+    let (ls, ts) = (&lt.shape, &tt.shape);
+    if logits.rows() != targets.len() || (ls.len() == 3 && ts.len() == 2 && ls[..2] != ts[..]) {
+        bail!(
+            "{} has shape {ls:?} ({} rows) but {} has shape {ts:?} ({} targets): they must agree",
+            lt.name,
+            logits.rows(),
+            tt.name,
+            targets.len()
+        );
+    }
+    Ok(())
+}
+
+fn run(gpu: Option<&GpuContext>, logits: Logits<'_>, targets: Targets<'_>, opts: &Options) -> xent::Result<Vec<RowLoss>> {
+    match gpu {
+        Some(ctx) => ctx.score(logits, targets, opts),
+        None => xent::cpu::score(logits, targets, opts),
+    }
+}
+
+fn human_summary(s: &Summary, device: &str, seconds: f64) -> String {
+    format!(
+        "xent: {} tokens scored, {} ignored, on the {device} in {seconds:.3} s\n  \
+         mean nll      {:.6} nats ({:.6} bits/token)\n  \
+         perplexity    {:.4} ± {:.4}\n  \
+         accuracy      {:.4}\n",
+        s.tokens,
+        s.ignored,
+        s.mean_nll(),
+        s.bits_per_token(),
+        s.perplexity(),
+        s.perplexity_stderr(),
+        s.accuracy()
+    )
+}
+
+/// JSON number, or null where JSON has none (NaN, ±inf).
+fn num(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x}")
+    } else {
+        "null".into()
+    }
+}
+
+fn json_summary(s: &Summary, device: &str, seconds: f64) -> String {
+    format!(
+        "{{\"tokens\":{},\"ignored\":{},\"mean_nll\":{},\"bits_per_token\":{},\"perplexity\":{},\"ppl_stderr\":{},\"accuracy\":{},\"device\":\"{device}\",\"seconds\":{}}}",
+        s.tokens,
+        s.ignored,
+        num(s.mean_nll()),
+        num(s.bits_per_token()),
+        num(s.perplexity()),
+        num(s.perplexity_stderr()),
+        num(s.accuracy()),
+        num(seconds)
+    )
+}
+
+/// Converts generated f32 logits to `dtype` bytes.
+fn to_bytes(x: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => bytemuck::cast_slice(x).to_vec(),
+        Dtype::F16 => x.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        Dtype::BF16 => x.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+    }
+}
+
+fn time<T>(iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+    f()?; // warm-up
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(xent::bench::median(times))
+}
+
+struct BenchRow {
+    path: String,
+    seconds: f64,
+}
+
+fn bench(a: &BenchArgs) -> Result<()> {
+    if a.vocab == 0 {
+        bail!("--vocab must be at least 1");
+    }
+    let dtype: Dtype = a.dtype.into();
+    let (x, t) = xent::synth::eval_set(a.rows, a.vocab, 7, -100);
+    let bytes = to_bytes(&x, dtype);
+    drop(x);
+    let logits = Logits::from_bytes(&bytes, dtype, a.rows, a.vocab)?;
+    let opts = Options::default();
+    let targets = xent::validate_targets(Targets::I64(&t), a.rows, a.vocab, &opts)?;
+    let gb = bytes.len() as f64 / 1e9;
+    let mut out = Vec::new();
+    let want_gpu = matches!(a.device, BenchDevice::Gpu | BenchDevice::All | BenchDevice::Auto);
+    let want_cpu = matches!(a.device, BenchDevice::Cpu | BenchDevice::All)
+        || (a.device == BenchDevice::Auto && GpuContext::new().is_err());
+    let mut adapter = String::from("none");
+    if want_gpu {
+        let ctx = match GpuContext::new() {
+            Ok(c) => Some(c),
+            Err(e) if a.device == BenchDevice::Gpu => return Err(e.into()),
+            Err(e) => {
+                eprintln!("xent: bench: {e}; skipping the GPU");
+                None
+            }
+        };
+        if let Some(ctx) = ctx {
+            adapter = ctx.adapter_info().name.clone();
+            let resident = xent::bench::Resident::new(&ctx, logits, &targets)?;
+            let mut kernel = Vec::new();
+            let mut wall = Vec::new();
+            resident.run()?;
+            for _ in 0..a.iters.max(1) {
+                let t = resident.run()?;
+                wall.push(t.wall);
+                kernel.extend(t.kernel);
+            }
+            if !kernel.is_empty() {
+                out.push(BenchRow { path: "gpu kernel (timestamps)".into(), seconds: xent::bench::median(kernel) });
+            }
+            out.push(BenchRow { path: "gpu kernel (submit to idle)".into(), seconds: xent::bench::median(wall) });
+            let e2e = time(a.iters, || Ok(ctx.score(logits, Targets::I64(&t), &opts)?))?;
+            out.push(BenchRow { path: "gpu end-to-end (upload, kernel, readback)".into(), seconds: e2e });
+        }
+    }
+    if want_cpu {
+        let s = time(a.iters, || Ok(xent::cpu::score(logits, Targets::I64(&t), &opts)?))?;
+        out.push(BenchRow { path: format!("cpu fast ({} threads)", rayon::current_num_threads()), seconds: s });
+        let s = time(1, || Ok(xent::reference::score(logits, Targets::I64(&t), &opts)?))?;
+        out.push(BenchRow { path: "cpu reference (f64, 1 thread)".into(), seconds: s });
+    }
+    if a.json {
+        let rows: Vec<String> = out
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"path\":\"{}\",\"ms\":{},\"gb_per_s\":{}}}",
+                    r.path,
+                    num(r.seconds * 1e3),
+                    num(gb / r.seconds)
+                )
+            })
+            .collect();
+        println!(
+            "{{\"rows\":{},\"vocab\":{},\"dtype\":\"{dtype}\",\"logits_bytes\":{},\"adapter\":\"{}\",\"results\":[{}]}}",
+            a.rows,
+            a.vocab,
+            bytes.len(),
+            adapter.replace('"', "'"),
+            rows.join(",")
+        );
+    } else {
+        println!("xent bench: {} x {} {dtype} ({:.1} MB of logits), adapter: {adapter}", a.rows, a.vocab, gb * 1e3);
+        println!("  {:<44} {:>10} {:>10}", "path", "ms", "GB/s");
+        for r in &out {
+            println!("  {:<44} {:>10.3} {:>10.2}", r.path, r.seconds * 1e3, gb / r.seconds);
+        }
+    }
+    Ok(())
+}
+
+fn info() -> Result<()> {
+    let ctx = GpuContext::new()?;
+    let i = ctx.adapter_info();
+    let l = ctx.device().limits();
+    let f = ctx.device().features();
+    println!("adapter        {}", i.name);
+    println!("backend        {:?} ({:?})", i.backend, i.device_type);
+    println!("driver         {} {}", i.driver, i.driver_info);
+    println!("subgroup size  {}..{}", i.subgroup_min_size, i.subgroup_max_size);
+    println!(
+        "features       SUBGROUP {}, TIMESTAMP_QUERY {}, SHADER_F16 {} (f16/bf16 logits are unpacked in core WGSL, no feature needed)",
+        f.contains(wgpu::Features::SUBGROUP),
+        f.contains(wgpu::Features::TIMESTAMP_QUERY),
+        f.contains(wgpu::Features::SHADER_F16),
+    );
+    println!("max storage binding          {} bytes", l.max_storage_buffer_binding_size);
+    println!("max buffer                   {} bytes", l.max_buffer_size);
+    println!("storage offset alignment     {} bytes", l.min_storage_buffer_offset_alignment);
+    println!("workgroup storage            {} bytes", l.max_compute_workgroup_storage_size);
+    println!("workgroups per dimension     {}", l.max_compute_workgroups_per_dimension);
+    println!("kernel workgroup size        {}", ctx.workgroup_size());
+    for (dtype, vocab) in [(Dtype::F32, 128_256), (Dtype::BF16, 128_256), (Dtype::F32, 1_000_000)] {
+        println!(
+            "rows per chunk {dtype:>4} x {vocab:<9} {}",
+            ctx.rows_per_chunk(dtype, vocab, vocab).map_or_else(|e| e.to_string(), |n| n.to_string())
+        );
+    }
+    Ok(())
+}
+
+fn demo(a: &DemoArgs) -> Result<()> {
+    if a.vocab == 0 || a.rows == 0 {
+        bail!("--rows and --vocab must be at least 1");
+    }
+    let opts = Options::default();
+    println!("xent demo: generating {} rows x {} vocab of Zipf-like logits (f32, {:.1} MB), seed {}", a.rows, a.vocab, (a.rows * a.vocab * 4) as f64 / 1e6, a.seed);
+    let (x, t) = xent::synth::eval_set(a.rows, a.vocab, a.seed, opts.ignore_index);
+    let logits = Logits::f32(&x, a.vocab)?;
+    let targets = Targets::I64(&t);
+
+    let t0 = Instant::now();
+    let reference = xent::reference::score(logits, targets, &opts)?;
+    let ref_s = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    let fast = xent::cpu::score(logits, targets, &opts)?;
+    let fast_s = t0.elapsed().as_secs_f64();
+
+    let gpu = match GpuContext::new() {
+        Ok(ctx) => Some(ctx),
+        Err(e) => {
+            println!("  no GPU: {e} (install a Vulkan driver, or Mesa's lavapipe: apt-get install mesa-vulkan-drivers)");
+            None
+        }
+    };
+    let mut summary = Summary::default();
+    reference.iter().for_each(|r| summary.add(r.nll, r.ignored, r.correct));
+    print!("{}", human_summary(&summary, "cpu reference", ref_s));
+    println!("  {:<34} {:>10} {:>10} {:>16}", "path", "ms", "GB/s", "max |err| (nats)");
+    let gb = x.len() as f64 * 4.0 / 1e9;
+    let report = |name: &str, secs: f64, rows: &[RowLoss]| {
+        let err = worst_error(rows, &reference);
+        println!("  {name:<34} {:>10.2} {:>10.2} {:>16.2e}", secs * 1e3, gb / secs, err);
+    };
+    println!("  {:<34} {:>10.2} {:>10.2} {:>16}", "cpu reference (f64, 1 thread)", ref_s * 1e3, gb / ref_s, "-");
+    report(&format!("cpu fast ({} threads)", rayon::current_num_threads()), fast_s, &fast);
+    if let Some(ctx) = gpu {
+        let chunk = ctx.rows_per_chunk(Dtype::F32, a.vocab as u64, a.vocab as u64)?;
+        let rows = ctx.score(logits, targets, &opts)?; // warm: pipeline compiled, buffers paged in
+        let t0 = Instant::now();
+        let rows2 = ctx.score(logits, targets, &opts)?;
+        let gpu_s = t0.elapsed().as_secs_f64();
+        if rows.iter().zip(&rows2).any(|(a, b)| a.nll.to_bits() != b.nll.to_bits()) {
+            bail!("two GPU runs over the same input disagree");
+        }
+        report(&format!("gpu end-to-end ({} chunk{})", (a.rows as u64).div_ceil(chunk), if (a.rows as u64).div_ceil(chunk) == 1 { "" } else { "s" }), gpu_s, &rows2);
+        println!("  adapter: {} ({:?}); rows per chunk {chunk}", ctx.adapter_info().name, ctx.adapter_info().backend);
+        let agree = Summary::of(&rows2);
+        println!("  gpu perplexity {:.6} vs reference {:.6}", agree.perplexity(), summary.perplexity());
+    }
+    Ok(())
+}
+
+/// Largest |got - ref| in nll over rows, NaN-aware (both NaN counts as agreement).
+fn worst_error(got: &[RowLoss], reference: &[xent::reference::RefRow]) -> f64 {
+    got.iter()
+        .zip(reference)
+        .map(|(g, r)| {
+            let g = f64::from(g.nll);
+            if g.is_nan() && r.nll.is_nan() || g == r.nll {
+                0.0
+            } else {
+                (g - r.nll).abs()
+            }
+        })
+        .fold(0.0, f64::max)
+}

@@ -18,17 +18,21 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// Adds one row.
+    /// Adds one row's result.
     pub fn push(&mut self, r: &RowLoss) {
-        if r.ignored() {
+        self.add(f64::from(r.nll), r.ignored(), r.correct());
+    }
+
+    /// Adds one row given by its parts (for results that are not [`RowLoss`], such as the reference's).
+    pub fn add(&mut self, nll: f64, ignored: bool, correct: bool) {
+        if ignored {
             self.ignored += 1;
             return;
         }
-        let nll = f64::from(r.nll);
         self.tokens += 1;
         self.sum_nll += nll;
         self.sum_nll_sq += nll * nll;
-        self.correct += u64::from(r.correct());
+        self.correct += u64::from(correct);
     }
 
     /// The summary of a slice of rows.
