@@ -136,11 +136,28 @@ impl GpuContext {
     pub async fn new_async() -> Result<Self> {
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
         // Vulkan, Metal, DX12 (and WebGPU in a browser); GL only when asked for by WGPU_BACKEND.
-        desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+        let desc_backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+        desc.backends = desc_backends;
         let instance = wgpu::Instance::new(desc);
-        let adapter = wgpu::util::initialize_adapter_from_env_or_default(&instance, None)
-            .await
-            .map_err(|e| Error::NoAdapter(e.to_string()))?;
+        let adapter = match std::env::var("WGPU_ADAPTER_NAME") {
+            // wgpu's own helper for this variable panics when nothing matches: an error is kinder.
+            Ok(name) => {
+                let wanted = name.to_lowercase();
+                let adapters = instance.enumerate_adapters(desc_backends).await;
+                let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+                adapters
+                    .into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&wanted))
+                    .ok_or_else(|| Error::NoAdapter(format!("WGPU_ADAPTER_NAME={name} matches none of {names:?}")))?
+            }
+            Err(_) => instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::HighPerformance,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| Error::NoAdapter(e.to_string()))?,
+        };
         let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {

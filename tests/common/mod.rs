@@ -1,0 +1,88 @@
+//! Shared test helpers: the GPU (or a loud skip), generators, and the tolerance check.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use xent::reference::RefRow;
+use xent::{Dtype, GpuContext, RowLoss};
+
+/// Absolute tolerance for f32 logits.
+pub const ATOL: f64 = 1e-6;
+/// Relative tolerance for f32 logits.
+pub const RTOL: f64 = 2e-6;
+
+/// A fresh GPU context, or `None` with a loud message; a hard failure under `XENT_REQUIRE_GPU=1`.
+pub fn new_gpu() -> Option<GpuContext> {
+    match GpuContext::new() {
+        Ok(ctx) => Some(ctx),
+        Err(e) => {
+            if std::env::var("XENT_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("XENT_REQUIRE_GPU=1 but no GPU adapter: {e}");
+            }
+            eprintln!("\n!!!!! SKIPPING GPU TEST: no GPU adapter ({e}). Install mesa-vulkan-drivers. !!!!!\n");
+            None
+        }
+    }
+}
+
+/// One GPU context shared by the tests of a binary.
+pub fn gpu() -> Option<&'static GpuContext> {
+    static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(new_gpu).as_ref()
+}
+
+/// Whether `got` is within `atol + rtol * |want|` of `want`; NaN matches NaN, inf matches the same inf.
+pub fn close(got: f64, want: f64, atol: f64, rtol: f64) -> bool {
+    if want.is_nan() || got.is_nan() {
+        return want.is_nan() && got.is_nan();
+    }
+    if want.is_infinite() || got.is_infinite() {
+        return got == want;
+    }
+    (got - want).abs() <= atol + rtol * want.abs()
+}
+
+/// Checks every row against the reference: nll, lse, ignored and correct flags.
+/// Returns the worst absolute nll error seen.
+pub fn check_rows(got: &[RowLoss], want: &[RefRow], atol: f64, rtol: f64) -> Result<f64, String> {
+    if got.len() != want.len() {
+        return Err(format!("got {} rows, want {}", got.len(), want.len()));
+    }
+    let mut worst = 0f64;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let (gn, gl) = (f64::from(g.nll), f64::from(g.lse));
+        if !close(gn, w.nll, atol, rtol) {
+            return Err(format!("row {i}: nll got {gn} want {} (flags {:#x})", w.nll, g.flags));
+        }
+        if !w.ignored && !close(gl, w.lse, atol, rtol) {
+            return Err(format!("row {i}: lse got {gl} want {}", w.lse));
+        }
+        if g.ignored() != w.ignored || g.correct() != w.correct {
+            return Err(format!(
+                "row {i}: flags {:#x} (argmax {}) but reference ignored={} correct={} argmax={:?}",
+                g.flags, g.argmax, w.ignored, w.correct, w.argmax
+            ));
+        }
+        if gn.is_finite() && w.nll.is_finite() {
+            worst = worst.max((gn - w.nll).abs());
+        }
+    }
+    Ok(worst)
+}
+
+/// f32 values as bytes of `dtype`.
+pub fn to_bytes(x: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => bytemuck::cast_slice(x).to_vec(),
+        Dtype::F16 => x.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        Dtype::BF16 => x.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+    }
+}
+
+/// Random logits with a given spread and targets in range, deterministic per seed.
+pub fn random_case(rows: usize, vocab: usize, seed: u64, scale: f32) -> (Vec<f32>, Vec<i64>) {
+    let mut rng = xent::synth::Rng::new(seed);
+    let x = (0..rows * vocab).map(|_| (rng.normal() as f32) * scale).collect();
+    let t = (0..rows).map(|_| rng.below(vocab) as i64).collect();
+    (x, t)
+}

@@ -1,0 +1,293 @@
+//! The fused GPU kernel against the f64 reference, over shapes, dtypes and edge cases.
+
+mod common;
+
+use common::{check_rows, gpu, new_gpu, random_case, to_bytes, ATOL, RTOL};
+use proptest::prelude::*;
+use xent::{Dtype, EncodeJob, Logits, Options, RowLoss, Targets};
+
+fn score_both(x: &[u8], dtype: Dtype, rows: usize, vocab: usize, t: &[i64], opts: &Options) -> (Vec<RowLoss>, Vec<xent::reference::RefRow>) {
+    let ctx = gpu().expect("GPU");
+    let logits = Logits::from_bytes(x, dtype, rows, vocab).unwrap();
+    let got = ctx.score(logits, Targets::I64(t), opts).unwrap();
+    let want = xent::reference::score(logits, Targets::I64(t), opts).unwrap();
+    (got, want)
+}
+
+fn assert_case(x: &[f32], dtype: Dtype, vocab: usize, t: &[i64]) -> f64 {
+    let rows = t.len();
+    let bytes = to_bytes(x, dtype);
+    let (got, want) = score_both(&bytes, dtype, rows, vocab, t, &Options::default());
+    match check_rows(&got, &want, ATOL, RTOL) {
+        Ok(worst) => worst,
+        Err(msg) => panic!("{rows} x {vocab} {dtype}: {msg}"),
+    }
+}
+
+fn vocab_strategy() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        Just(1usize),
+        Just(2),
+        Just(3),
+        Just(7),
+        Just(255),
+        Just(256),
+        Just(257),
+        Just(1021),
+        Just(4099),
+        Just(32_003),
+        Just(128_257),
+        Just(200_000),
+        1usize..5000,
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 48,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_0001),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn gpu_matches_reference(vocab in vocab_strategy(), rows in 1usize..24, seed in any::<u64>(),
+                             dtype in prop_oneof![Just(Dtype::F32), Just(Dtype::F16), Just(Dtype::BF16)],
+                             scale in prop_oneof![Just(1.0f32), Just(4.0), Just(30.0)]) {
+        if gpu().is_none() { return Ok(()); }
+        let rows = if vocab > 100_000 { rows.min(6) } else { rows };
+        let (x, mut t) = random_case(rows, vocab, seed, scale);
+        if rows > 2 { t[1] = -100; }
+        assert_case(&x, dtype, vocab, &t);
+    }
+}
+
+#[test]
+fn worst_error_on_a_realistic_set_is_reported() {
+    if gpu().is_none() {
+        return;
+    }
+    let (x, t) = xent::synth::eval_set(64, 50_257, 3, -100);
+    let worst = assert_case(&x, Dtype::F32, 50_257, &t);
+    eprintln!("worst |gpu - reference| nll at 64 x 50257 f32: {worst:e}");
+}
+
+#[test]
+fn large_equal_logits_give_ln_vocab() {
+    if gpu().is_none() {
+        return;
+    }
+    for (value, vocab) in [(1e4f32, 128_256usize), (-1e4, 32_000), (1e4, 1), (3e38, 7)] {
+        let x = vec![value; vocab * 2];
+        let t = vec![0i64, (vocab - 1) as i64];
+        let (got, _) = score_both(bytemuck::cast_slice(&x), Dtype::F32, 2, vocab, &t, &Options::default());
+        for r in &got {
+            let want = (vocab as f64).ln();
+            assert!(common::close(f64::from(r.nll), want, ATOL, RTOL), "{value} x {vocab}: nll {} want {want}", r.nll);
+        }
+    }
+}
+
+#[test]
+fn pinned_edge_cases() {
+    if gpu().is_none() {
+        return;
+    }
+    let inf = f32::INFINITY;
+    let nan = f32::NAN;
+    let vocab = 5;
+    #[rustfmt::skip]
+    let cases: Vec<([f32; 5], i64)> = vec![
+        ([3e38, 0.0, -3e38, 1.0, 2.0], 1),        // a 3e38 logit
+        ([3e38, 0.0, 1.0, 1.0, 2.0], 0),          // target is the 3e38 logit
+        ([-inf, 0.0, 1.0, -inf, 2.0], 2),         // -inf entries
+        ([-inf, 0.0, 1.0, -inf, 2.0], 0),         // target's logit is -inf: nll = +inf
+        ([1.0, nan, 1.0, 1.0, 1.0], 0),           // NaN row
+        ([inf, 0.0, 1.0, 1.0, 1.0], 1),           // +inf row: NaN, as torch
+        ([-inf, -inf, -inf, -inf, -inf], 0),      // all -inf: NaN
+        ([2.0, 5.0, 5.0, 1.0, 5.0], 1),           // ties: first index wins, correct
+        ([2.0, 5.0, 5.0, 1.0, 5.0], 2),           // ties: not the first, incorrect
+        ([1e4, 1e4, 1e4, 1e4, 1e4], 4),           // all equal, large
+        ([-3.4028235e38, -inf, -inf, -inf, -inf], 0), // lowest finite and -inf
+        ([0.0, 0.0, 0.0, 0.0, 0.0], -100),        // ignored
+    ];
+    let x: Vec<f32> = cases.iter().flat_map(|c| c.0).collect();
+    let t: Vec<i64> = cases.iter().map(|c| c.1).collect();
+    for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+        let x: Vec<f32> = match dtype {
+            Dtype::F32 => x.clone(),
+            // 3e38 is not representable in f16: clamp the magnitudes to what each type holds.
+            Dtype::F16 => x.iter().map(|v| if v.is_finite() { v.clamp(-6e4, 6e4) } else { *v }).collect(),
+            Dtype::BF16 => x.clone(),
+        };
+        let bytes = to_bytes(&x, dtype);
+        let (got, want) = score_both(&bytes, dtype, t.len(), vocab, &t, &Options::default());
+        check_rows(&got, &want, ATOL, RTOL).unwrap_or_else(|m| panic!("{dtype}: {m}"));
+        if dtype == Dtype::F32 {
+            assert_eq!(got[3].nll, f32::INFINITY);
+            assert!(got[4].nll.is_nan() && got[5].nll.is_nan() && got[6].nll.is_nan());
+            assert!(got[7].correct() && !got[8].correct());
+            assert_eq!(got[7].argmax, 1);
+            assert!(got[11].ignored() && got[11].nll == 0.0);
+        }
+    }
+}
+
+#[test]
+fn every_row_ignored() {
+    if gpu().is_none() {
+        return;
+    }
+    let (x, _) = random_case(9, 100, 1, 1.0);
+    let t = vec![-7i64; 9];
+    let opts = Options { ignore_index: -7 };
+    let (got, want) = score_both(bytemuck::cast_slice(&x), Dtype::F32, 9, 100, &t, &opts);
+    check_rows(&got, &want, ATOL, RTOL).unwrap();
+    let s = xent::Summary::of(&got);
+    assert_eq!((s.tokens, s.ignored), (0, 9));
+    assert!(s.mean_nll().is_nan());
+}
+
+#[test]
+fn targets_of_every_integer_type_agree() {
+    let Some(ctx) = gpu() else { return };
+    let (x, t) = random_case(17, 333, 9, 3.0);
+    let logits = Logits::f32(&x, 333).unwrap();
+    let t32: Vec<i32> = t.iter().map(|&v| v as i32).collect();
+    let tu: Vec<u32> = t.iter().map(|&v| v as u32).collect();
+    let a = ctx.score(logits, Targets::I64(&t), &Options::default()).unwrap();
+    let b = ctx.score(logits, Targets::I32(&t32), &Options::default()).unwrap();
+    let c = ctx.score(logits, Targets::U32(&tu), &Options::default()).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a, c);
+}
+
+#[test]
+fn bad_targets_are_errors_naming_the_row() {
+    let Some(ctx) = gpu() else { return };
+    let x = vec![0f32; 4 * 10];
+    let logits = Logits::f32(&x, 10).unwrap();
+    let e = ctx.score(logits, Targets::I64(&[0, 1, 10, 2]), &Options::default()).unwrap_err();
+    assert!(matches!(e, xent::Error::TargetOutOfRange { row: 2, target: 10, vocab: 10 }), "{e}");
+    let e = ctx.score(logits, Targets::I64(&[0, -5, 1, 2]), &Options::default()).unwrap_err();
+    assert!(matches!(e, xent::Error::TargetOutOfRange { row: 1, target: -5, .. }), "{e}");
+    let e = ctx.score(logits, Targets::I64(&[0, 1]), &Options::default()).unwrap_err();
+    assert!(matches!(e, xent::Error::RowMismatch { logits_rows: 4, targets_rows: 2 }), "{e}");
+}
+
+/// Forces tiny bindings so that one job is split into many chunks, including rows that straddle
+/// alignment boundaries, for every dtype.
+#[test]
+fn chunked_path_matches_reference() {
+    let Some(mut ctx) = new_gpu() else { return };
+    ctx.set_max_binding_bytes(4096);
+    for (rows, vocab) in [(97usize, 301usize), (40, 1000), (300, 7), (5, 977)] {
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            let chunk = ctx.rows_per_chunk(dtype, vocab as u64, vocab as u64).unwrap();
+            assert!((rows as u64) > chunk, "{rows} x {vocab} {dtype} must need several chunks (chunk {chunk})");
+            let (x, mut t) = random_case(rows, vocab, rows as u64, 2.0);
+            t[rows / 2] = -100;
+            let bytes = to_bytes(&x, dtype);
+            let logits = Logits::from_bytes(&bytes, dtype, rows, vocab).unwrap();
+            let got = ctx.score(logits, Targets::I64(&t), &Options::default()).unwrap();
+            let want = xent::reference::score(logits, Targets::I64(&t), &Options::default()).unwrap();
+            check_rows(&got, &want, ATOL, RTOL).unwrap_or_else(|m| panic!("{rows} x {vocab} {dtype}: {m}"));
+        }
+    }
+    // A row larger than a binding is an error, not a wrong answer.
+    let x = vec![0f32; 2000];
+    let e = ctx.score(Logits::f32(&x, 2000).unwrap(), Targets::I64(&[0]), &Options::default()).unwrap_err();
+    assert!(matches!(e, xent::Error::Shape(_)), "{e}");
+}
+
+/// More rows than one dispatch dimension holds (65,535): the kernel's 2-D grid.
+#[test]
+fn more_rows_than_one_dispatch_dimension() {
+    if gpu().is_none() {
+        return;
+    }
+    let rows = 70_001;
+    let vocab = 3;
+    let (x, t) = random_case(rows, vocab, 5, 2.0);
+    assert_case(&x, Dtype::F32, vocab, &t);
+}
+
+/// `encode` over a caller's buffers with offsets, a padded row stride, and a poisoned output:
+/// rows not written stay poisoned, rows outside the job are untouched.
+#[test]
+fn encode_over_caller_buffers_with_offsets_and_stride() {
+    let Some(ctx) = gpu() else { return };
+    let device = ctx.device();
+    for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+        let (rows, vocab, stride, lead) = (13usize, 1001usize, 1037usize, 3usize);
+        let (x, t) = random_case(rows, vocab, 77, 3.0);
+        // Lay rows out with a stride and `lead` elements before row 0; padding is NaN, so any
+        // read outside a row poisons that row's result.
+        let mut padded = vec![f32::NAN; lead + rows * stride];
+        for r in 0..rows {
+            padded[lead + r * stride..lead + r * stride + vocab].copy_from_slice(&x[r * vocab..(r + 1) * vocab]);
+        }
+        let mut bytes = to_bytes(&padded, dtype);
+        bytes.resize(bytes.len().next_multiple_of(4), 0);
+        use wgpu::util::DeviceExt;
+        use wgpu::BufferUsages as U;
+        let logits_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("test logits"), contents: &bytes, usage: U::STORAGE });
+        let mut tv: Vec<u32> = vec![u32::MAX; 2];
+        tv.extend(t.iter().map(|&v| v as u32));
+        let targets_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("test targets"), contents: bytemuck::cast_slice(&tv), usage: U::STORAGE });
+        let out_rows = rows + 4;
+        let poison = vec![0xA5u8; out_rows * 16];
+        let out_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("test out"), contents: &poison, usage: U::STORAGE | U::COPY_SRC });
+        let read = device.create_buffer(&wgpu::BufferDescriptor { label: Some("test read"), size: (out_rows * 16) as u64, usage: U::MAP_READ | U::COPY_DST, mapped_at_creation: false });
+        let mut encoder = device.create_command_encoder(&Default::default());
+        ctx.encode(&mut encoder, &EncodeJob {
+            logits: &logits_buf,
+            logits_offset: (lead * dtype.size()) as u64,
+            dtype,
+            row_stride: stride as u64,
+            rows: rows as u64,
+            vocab: vocab as u32,
+            targets: &targets_buf,
+            targets_offset: 8,
+            ignore: None,
+            output: &out_buf,
+            output_offset: 32,
+        }).unwrap();
+        encoder.copy_buffer_to_buffer(&out_buf, 0, &read, 0, (out_rows * 16) as u64);
+        ctx.queue().submit([encoder.finish()]);
+        let mut out = vec![RowLoss { nll: 0.0, lse: 0.0, argmax: 0, flags: 0 }; out_rows];
+        xent::read_buffer(device, &read, (out_rows * 16) as u64, bytemuck::cast_slice_mut(&mut out)).unwrap();
+        let untouched: RowLoss = bytemuck::cast([0xA5A5_A5A5u32; 4]);
+        assert_eq!(out[0].flags, untouched.flags, "{dtype}: row before the job was written");
+        assert_eq!(out[1].flags, untouched.flags);
+        assert_eq!(out[2 + rows].flags, untouched.flags, "{dtype}: row after the job was written");
+        let dense = to_bytes(&x, dtype);
+        let want = xent::reference::score(Logits::from_bytes(&dense, dtype, rows, vocab).unwrap(), Targets::I64(&t), &Options::default()).unwrap();
+        check_rows(&out[2..2 + rows], &want, ATOL, RTOL).unwrap_or_else(|m| panic!("{dtype}: {m}"));
+    }
+}
+
+#[test]
+fn encode_rejects_bad_regions() {
+    let Some(ctx) = gpu() else { return };
+    let device = ctx.device();
+    let make = |size, usage| device.create_buffer(&wgpu::BufferDescriptor { label: None, size, usage, mapped_at_creation: false });
+    let storage = wgpu::BufferUsages::STORAGE;
+    let logits = make(400, storage);
+    let targets = make(16, storage);
+    let out = make(64, storage);
+    let job = EncodeJob { logits: &logits, logits_offset: 0, dtype: Dtype::F32, row_stride: 25, rows: 4, vocab: 25, targets: &targets, targets_offset: 0, ignore: None, output: &out, output_offset: 0 };
+    let mut encoder = device.create_command_encoder(&Default::default());
+    assert!(ctx.encode(&mut encoder, &job).is_ok());
+    for bad in [
+        EncodeJob { rows: 5, ..job },
+        EncodeJob { row_stride: 26, ..job },
+        EncodeJob { output_offset: 8, ..job },
+        EncodeJob { vocab: 0, ..job },
+        EncodeJob { row_stride: 20, ..job },
+    ] {
+        assert!(ctx.encode(&mut encoder, &bad).is_err());
+    }
+    let not_storage = make(400, wgpu::BufferUsages::COPY_DST);
+    assert!(matches!(ctx.encode(&mut encoder, &EncodeJob { logits: &not_storage, ..job }), Err(xent::Error::Buffer(_))));
+}
