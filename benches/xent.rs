@@ -1,1 +1,62 @@
-fn main(){}
+//! Criterion benches over (rows, vocab, dtype): the GPU kernel on resident data (timestamp
+//! queries when the adapter has them), GPU end-to-end from host memory, the fast CPU path and
+//! the CPU reference — in one group per shape, so each comparison is one run.
+//!
+//! `cargo bench` — sizes are kept modest so that a software adapter (lavapipe) finishes.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::time::Duration;
+use xent::{Dtype, GpuContext, Logits, Options, Targets};
+
+fn to_bytes(x: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => bytemuck::cast_slice(x).to_vec(),
+        Dtype::F16 => x.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        Dtype::BF16 => x.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+    }
+}
+
+fn forward(c: &mut Criterion) {
+    let gpu = GpuContext::new().ok();
+    if gpu.is_none() {
+        eprintln!("no GPU adapter: benchmarking the CPU paths only");
+    }
+    let opts = Options::default();
+    for (rows, vocab, dtype) in
+        [(256usize, 128_256usize, Dtype::F32), (256, 128_256, Dtype::BF16), (2048, 32_000, Dtype::F32)]
+    {
+        let (x, t) = xent::synth::eval_set(rows, vocab, 5, -100);
+        let bytes = to_bytes(&x, dtype);
+        let logits = Logits::from_bytes(&bytes, dtype, rows, vocab).expect("shape");
+        let targets = xent::validate_targets(Targets::I64(&t), rows, vocab, &opts).expect("targets");
+        let mut group = c.benchmark_group(format!("forward/{rows}x{vocab}/{dtype}"));
+        group.throughput(Throughput::Bytes(bytes.len() as u64));
+        group.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
+        if let Some(ctx) = &gpu {
+            let resident = xent::bench::Resident::new(ctx, logits, &targets).expect("upload");
+            group.bench_function(BenchmarkId::new("gpu_kernel", ""), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let t = resident.run().expect("run");
+                        total += Duration::from_secs_f64(t.kernel.unwrap_or(t.wall));
+                    }
+                    total
+                })
+            });
+            group.bench_function(BenchmarkId::new("gpu_end_to_end", ""), |b| {
+                b.iter(|| ctx.score(logits, Targets::I64(&t), &opts).expect("score"))
+            });
+        }
+        group.bench_function(BenchmarkId::new("cpu_fast", ""), |b| {
+            b.iter(|| xent::cpu::score(logits, Targets::I64(&t), &opts).expect("score"))
+        });
+        group.bench_function(BenchmarkId::new("cpu_reference", ""), |b| {
+            b.iter(|| xent::reference::score(logits, Targets::I64(&t), &opts).expect("score"))
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, forward);
+criterion_main!(benches);

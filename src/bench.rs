@@ -50,7 +50,12 @@ impl<'c> Resident<'c> {
             )));
         }
         let make = |label, size: u64, usage| {
-            device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: size.max(16), usage, mapped_at_creation: false })
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: size.max(16),
+                usage,
+                mapped_at_creation: false,
+            })
         };
         use wgpu::BufferUsages as U;
         let rows = logits.rows() as u64;

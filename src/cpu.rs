@@ -24,21 +24,18 @@ pub(crate) fn score_validated(logits: Logits<'_>, targets: &[u32]) -> Vec<RowLos
     let vocab = logits.vocab();
     let rb = logits.row_bytes();
     let mut out = vec![RowLoss { nll: 0.0, lse: 0.0, argmax: 0, flags: 0 }; logits.rows()];
-    out.par_iter_mut()
-        .zip(targets.par_iter())
-        .enumerate()
-        .for_each_init(Vec::<f32>::new, |scratch, (r, (o, &t))| {
-            let bytes = &logits.bytes()[r * rb..(r + 1) * rb];
-            let x: &[f32] = match (logits.dtype(), bytemuck::try_cast_slice::<u8, f32>(bytes)) {
-                (Dtype::F32, Ok(x)) => x,
-                (dtype, _) => {
-                    scratch.clear();
-                    scratch.extend((0..vocab).map(|j| dtype.get(bytes, j)));
-                    scratch
-                }
-            };
-            *o = row(x, t);
-        });
+    out.par_iter_mut().zip(targets.par_iter()).enumerate().for_each_init(Vec::<f32>::new, |scratch, (r, (o, &t))| {
+        let bytes = &logits.bytes()[r * rb..(r + 1) * rb];
+        let x: &[f32] = match (logits.dtype(), bytemuck::try_cast_slice::<u8, f32>(bytes)) {
+            (Dtype::F32, Ok(x)) => x,
+            (dtype, _) => {
+                scratch.clear();
+                scratch.extend((0..vocab).map(|j| dtype.get(bytes, j)));
+                scratch
+            }
+        };
+        *o = row(x, t);
+    });
     out
 }
 

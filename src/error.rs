@@ -5,7 +5,9 @@
 #[non_exhaustive]
 pub enum Error {
     /// A row's target is not a valid class index and not the ignore index.
-    #[error("row {row}: target {target} is outside the vocabulary of {vocab} (valid: 0..{vocab}, or the ignore index)")]
+    #[error(
+        "row {row}: target {target} is outside the vocabulary of {vocab} (valid: 0..{vocab}, or the ignore index)"
+    )]
     TargetOutOfRange {
         /// Row (flattened over batch and time) holding the bad target.
         row: usize,
@@ -42,13 +44,12 @@ pub enum Error {
         reason: String,
     },
     /// An I/O error on a named file.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying error (already in the message, so not chained a second time).
+        error: std::io::Error,
     },
     /// No GPU adapter could be found or opened.
     #[error("no GPU adapter: {0}")]

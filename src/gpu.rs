@@ -195,7 +195,8 @@ impl GpuContext {
             label: Some("xent_forward.wgsl"),
             source: wgpu::ShaderSource::Wgsl(Shader::Forward.source().into()),
         });
-        let max_binding = u64::from(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size);
+        // Capped at 4 GiB - 1 so that element indices inside one window fit the shader's u32.
+        let max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size).min(u64::from(u32::MAX));
         GpuContext {
             device,
             queue,
@@ -233,7 +234,7 @@ impl GpuContext {
     /// Lowers the largest binding the planner will use (never raises it above the device's limit).
     /// Tests use this to force many chunks on small inputs.
     pub fn set_max_binding_bytes(&mut self, bytes: u64) {
-        let limit = u64::from(self.device.limits().max_storage_buffer_binding_size);
+        let limit = self.device.limits().max_storage_buffer_binding_size.min(u64::from(u32::MAX));
         self.max_binding = bytes.min(limit).max(1024);
     }
 
@@ -448,11 +449,7 @@ impl GpuContext {
             let n = chunk.min(rows - r0);
             let bytes = logits.slice_rows(r0 as usize, (r0 + n) as usize).bytes();
             write_padded(&self.queue, &logits_buf, bytes);
-            self.queue.write_buffer(
-                &targets_buf,
-                0,
-                bytemuck::cast_slice(&targets[r0 as usize..(r0 + n) as usize]),
-            );
+            self.queue.write_buffer(&targets_buf, 0, bytemuck::cast_slice(&targets[r0 as usize..(r0 + n) as usize]));
             self.queue.write_buffer(&out_buf, 0, &poison[..(n * ROW_LOSS_BYTES) as usize]);
             let mut encoder =
                 self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("xent score") });
@@ -487,7 +484,12 @@ impl GpuContext {
     }
 
     fn buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
-        self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
     }
 }
 
@@ -548,9 +550,7 @@ pub fn read_buffer(device: &wgpu::Device, buffer: &wgpu::Buffer, size: u64, dst:
         let _ = tx.send(r);
     });
     device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
-    rx.recv()
-        .map_err(|e| Error::Gpu(e.to_string()))?
-        .map_err(|e| Error::Gpu(e.to_string()))?;
+    rx.recv().map_err(|e| Error::Gpu(e.to_string()))?.map_err(|e| Error::Gpu(e.to_string()))?;
     {
         let view = slice.get_mapped_range().map_err(|e| Error::Gpu(e.to_string()))?;
         dst.copy_from_slice(&view[..dst.len()]);

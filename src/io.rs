@@ -25,6 +25,19 @@ pub enum ElemType {
     U32,
 }
 
+impl std::fmt::Display for ElemType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ElemType::F32 => "f32",
+            ElemType::F16 => "f16",
+            ElemType::BF16 => "bf16",
+            ElemType::I64 => "i64",
+            ElemType::I32 => "i32",
+            ElemType::U32 => "u32",
+        })
+    }
+}
+
 impl ElemType {
     /// Bytes per element.
     pub fn size(self) -> usize {
@@ -51,7 +64,11 @@ pub struct Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tensor").field("name", &self.name).field("elem", &self.elem).field("shape", &self.shape).finish()
+        f.debug_struct("Tensor")
+            .field("name", &self.name)
+            .field("elem", &self.elem)
+            .field("shape", &self.shape)
+            .finish()
     }
 }
 
@@ -74,16 +91,15 @@ impl Tensor {
             ElemType::F32 => Dtype::F32,
             ElemType::F16 => Dtype::F16,
             ElemType::BF16 => Dtype::BF16,
-            other => return Err(self.err(format!("logits must be f32, f16 or bf16, found {other:?}"))),
+            other => return Err(self.err(format!("logits must be f32, f16 or bf16, found {other}"))),
         };
         let (rows, vocab) = match self.shape[..] {
             [n, v] => (n, v),
             [b, t, v] => (b.checked_mul(t).ok_or_else(|| self.err("shape overflows"))?, v),
             _ => {
-                return Err(self.err(format!(
-                    "logits must have rank 2 [N, V] or 3 [B, T, V], found shape {:?}",
-                    self.shape
-                )))
+                return Err(
+                    self.err(format!("logits must have rank 2 [N, V] or 3 [B, T, V], found shape {:?}", self.shape))
+                )
             }
         };
         if vocab == 0 {
@@ -107,7 +123,7 @@ impl Tensor {
             ElemType::I64 => Targets::I64(bytemuck::try_cast_slice(bytes).map_err(misaligned)?),
             ElemType::I32 => Targets::I32(bytemuck::try_cast_slice(bytes).map_err(misaligned)?),
             ElemType::U32 => Targets::U32(bytemuck::try_cast_slice(bytes).map_err(misaligned)?),
-            other => return Err(self.err(format!("targets must be i64, i32 or u32, found {other:?}"))),
+            other => return Err(self.err(format!("targets must be i64, i32 or u32, found {other}"))),
         })
     }
 }
@@ -122,7 +138,7 @@ impl Tensor {
 /// malformed header, a truncated file or a missing tensor.
 pub fn open(path: &Path, key: Option<&str>, default_keys: &[&str]) -> Result<Tensor> {
     let display = path.display().to_string();
-    let io = |source| Error::Io { path: display.clone(), source };
+    let io = |error| Error::Io { path: display.clone(), error };
     let file = std::fs::File::open(path).map_err(io)?;
     // SAFETY: the map is read-only. A file truncated by another process while mapped can
     // fault; xent reads files it was given and does not modify them.
@@ -148,8 +164,8 @@ fn open_npy(map: memmap2::Mmap, path: String) -> Result<Tensor> {
     if data_start > map.len() {
         return Err(bad(format!("header of {header_len} bytes runs past the end of the {}-byte file", map.len())));
     }
-    let header = std::str::from_utf8(&map[header_start..data_start])
-        .map_err(|_| bad("header is not valid text".into()))?;
+    let header =
+        std::str::from_utf8(&map[header_start..data_start]).map_err(|_| bad("header is not valid text".into()))?;
     let descr = dict_str(header, "descr").ok_or_else(|| bad("header has no 'descr'".into()))?;
     let elem = match descr {
         "<f4" => ElemType::F32,
@@ -158,9 +174,7 @@ fn open_npy(map: memmap2::Mmap, path: String) -> Result<Tensor> {
         "<i4" => ElemType::I32,
         "<u4" => ElemType::U32,
         other => {
-            return Err(bad(format!(
-                "dtype '{other}' is not supported (logits: <f4, <f2; targets: <i8, <i4, <u4)"
-            )))
+            return Err(bad(format!("dtype '{other}' is not supported (logits: <f4, <f2; targets: <i8, <i4, <u4)")))
         }
     };
     match dict_raw(header, "fortran_order") {
@@ -168,9 +182,8 @@ fn open_npy(map: memmap2::Mmap, path: String) -> Result<Tensor> {
         Some(v) if v.starts_with("True") => return Err(bad("Fortran-order arrays are not supported".into())),
         _ => return Err(bad("header has no valid 'fortran_order'".into())),
     }
-    let shape = dict_raw(header, "shape")
-        .and_then(parse_shape)
-        .ok_or_else(|| bad("header has no valid 'shape'".into()))?;
+    let shape =
+        dict_raw(header, "shape").and_then(parse_shape).ok_or_else(|| bad("header has no valid 'shape'".into()))?;
     let want = shape
         .iter()
         .try_fold(elem.size(), |acc, &d| acc.checked_mul(d))
@@ -220,9 +233,7 @@ fn open_safetensors(map: memmap2::Mmap, path: String, key: Option<&str>, default
             .map(|k| k.to_string())
             .ok_or_else(|| bad(format!("holds tensors {names:?}: say which with a key (tried {default_keys:?})")))?,
     };
-    let info = meta
-        .info(&name)
-        .ok_or_else(|| bad(format!("no tensor '{name}' (it holds {names:?})")))?;
+    let info = meta.info(&name).ok_or_else(|| bad(format!("no tensor '{name}' (it holds {names:?})")))?;
     use safetensors::Dtype as D;
     let elem = match info.dtype {
         D::F32 => ElemType::F32,
@@ -277,7 +288,7 @@ pub fn write_npy(path: &Path, descr: &str, shape: &[usize], bytes: &[u8]) -> Res
 /// # Errors
 /// [`Error::Io`] naming `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |source| Error::Io { path: path.display().to_string(), source };
+    let io = |error| Error::Io { path: path.display().to_string(), error };
     let file_name = path.file_name().ok_or_else(|| io(std::io::Error::other("not a file name")))?;
     let tmp = path.with_file_name(format!(".{}.tmp{}", file_name.to_string_lossy(), std::process::id()));
     let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));

@@ -65,3 +65,8 @@ pub use error::{Error, Result};
 pub use gpu::{read_buffer, EncodeJob, GpuContext, ROW_LOSS_BYTES};
 pub use problem::{validate_targets, Dtype, Logits, Options, RowLoss, Targets, IGNORED_TARGET};
 pub use summary::Summary;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

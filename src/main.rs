@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use xent::{Dtype, GpuContext, Logits, Options, RowLoss, Summary, Targets};
 
 #[derive(Parser)]
-#[command(name = "xent", version, about = "Fused cross-entropy over huge logits on the GPU (wgpu), checked against an f64 CPU reference")]
+#[command(
+    name = "xent",
+    version,
+    about = "Fused cross-entropy over huge logits on the GPU (wgpu), checked against an f64 CPU reference"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -202,7 +206,12 @@ fn check_shapes(lt: &xent::io::Tensor, tt: &xent::io::Tensor, logits: Logits<'_>
     Ok(())
 }
 
-fn run(gpu: Option<&GpuContext>, logits: Logits<'_>, targets: Targets<'_>, opts: &Options) -> xent::Result<Vec<RowLoss>> {
+fn run(
+    gpu: Option<&GpuContext>,
+    logits: Logits<'_>,
+    targets: Targets<'_>,
+    opts: &Options,
+) -> xent::Result<Vec<RowLoss>> {
     match gpu {
         Some(ctx) => ctx.score(logits, targets, opts),
         None => xent::cpu::score(logits, targets, opts),
@@ -389,7 +398,13 @@ fn demo(a: &DemoArgs) -> Result<()> {
         bail!("--rows and --vocab must be at least 1");
     }
     let opts = Options::default();
-    println!("xent demo: generating {} rows x {} vocab of Zipf-like logits (f32, {:.1} MB), seed {}", a.rows, a.vocab, (a.rows * a.vocab * 4) as f64 / 1e6, a.seed);
+    println!(
+        "xent demo: generating {} rows x {} vocab of Zipf-like logits (f32, {:.1} MB), seed {}",
+        a.rows,
+        a.vocab,
+        (a.rows * a.vocab * 4) as f64 / 1e6,
+        a.seed
+    );
     let (x, t) = xent::synth::eval_set(a.rows, a.vocab, a.seed, opts.ignore_index);
     let logits = Logits::f32(&x, a.vocab)?;
     let targets = Targets::I64(&t);
@@ -404,7 +419,9 @@ fn demo(a: &DemoArgs) -> Result<()> {
     let gpu = match GpuContext::new() {
         Ok(ctx) => Some(ctx),
         Err(e) => {
-            println!("  no GPU: {e} (install a Vulkan driver, or Mesa's lavapipe: apt-get install mesa-vulkan-drivers)");
+            println!(
+                "  no GPU: {e} (install a Vulkan driver, or Mesa's lavapipe: apt-get install mesa-vulkan-drivers)"
+            );
             None
         }
     };
@@ -428,7 +445,15 @@ fn demo(a: &DemoArgs) -> Result<()> {
         if rows.iter().zip(&rows2).any(|(a, b)| a.nll.to_bits() != b.nll.to_bits()) {
             bail!("two GPU runs over the same input disagree");
         }
-        report(&format!("gpu end-to-end ({} chunk{})", (a.rows as u64).div_ceil(chunk), if (a.rows as u64).div_ceil(chunk) == 1 { "" } else { "s" }), gpu_s, &rows2);
+        report(
+            &format!(
+                "gpu end-to-end ({} chunk{})",
+                (a.rows as u64).div_ceil(chunk),
+                if (a.rows as u64).div_ceil(chunk) == 1 { "" } else { "s" }
+            ),
+            gpu_s,
+            &rows2,
+        );
         println!("  adapter: {} ({:?}); rows per chunk {chunk}", ctx.adapter_info().name, ctx.adapter_info().backend);
         let agree = Summary::of(&rows2);
         println!("  gpu perplexity {:.6} vs reference {:.6}", agree.perplexity(), summary.perplexity());

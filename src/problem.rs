@@ -38,11 +38,8 @@ impl Dtype {
                 let b = &bytes[4 * i..4 * i + 4];
                 f32::from_le_bytes([b[0], b[1], b[2], b[3]])
             }
-            Dtype::F16 => half::f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]))
-                .to_f32(),
-            Dtype::BF16 => {
-                half::bf16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32()
-            }
+            Dtype::F16 => half::f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32(),
+            Dtype::BF16 => half::bf16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32(),
         }
     }
 }
@@ -54,10 +51,7 @@ impl std::str::FromStr for Dtype {
             "f32" => Ok(Dtype::F32),
             "f16" => Ok(Dtype::F16),
             "bf16" => Ok(Dtype::BF16),
-            _ => Err(Error::Dtype {
-                dtype: s.to_string(),
-                expected: "logits must be f32, f16 or bf16".into(),
-            }),
+            _ => Err(Error::Dtype { dtype: s.to_string(), expected: "logits must be f32, f16 or bf16".into() }),
         }
     }
 }

@@ -38,11 +38,7 @@ pub fn row(x: &[f32], target: Option<usize>) -> RefRow {
     }
     let m = f64::from(best);
     let sum: f64 = x.iter().map(|&v| (f64::from(v) - m).exp()).sum();
-    let (lse, log_s) = if broken || argmax.is_none() {
-        (f64::NAN, f64::NAN)
-    } else {
-        (m + sum.ln(), sum.ln())
-    };
+    let (lse, log_s) = if broken || argmax.is_none() { (f64::NAN, f64::NAN) } else { (m + sum.ln(), sum.ln()) };
     match target {
         None => RefRow { nll: 0.0, lse, argmax, ignored: true, correct: false },
         Some(t) => {

@@ -51,26 +51,22 @@ pub fn eval_set(rows: usize, vocab: usize, seed: u64, ignore_index: i64) -> (Vec
     let prior: Vec<f32> = rank.iter().map(|&k| (-1.1 * (1.0 + k as f64).ln()) as f32).collect();
     let mut logits = vec![0f32; rows * vocab];
     let mut targets = vec![0i64; rows];
-    logits
-        .par_chunks_mut(vocab.max(1))
-        .zip(targets.par_iter_mut())
-        .enumerate()
-        .for_each(|(r, (x, t))| {
-            let mut rng = Rng::new(seed ^ (r as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
-            for (v, p) in x.iter_mut().zip(&prior) {
-                *v = p + (0.8 * rng.normal()) as f32;
-            }
-            for _ in 0..3 {
-                x[rng.below(vocab)] += 8.0 + 4.0 * rng.uniform() as f32;
-            }
-            *t = if rng.uniform() < 0.02 {
-                ignore_index
-            } else if rng.uniform() < 0.9 {
-                sample(x, rng.uniform()) as i64
-            } else {
-                rng.below(vocab) as i64
-            };
-        });
+    logits.par_chunks_mut(vocab.max(1)).zip(targets.par_iter_mut()).enumerate().for_each(|(r, (x, t))| {
+        let mut rng = Rng::new(seed ^ (r as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+        for (v, p) in x.iter_mut().zip(&prior) {
+            *v = p + (0.8 * rng.normal()) as f32;
+        }
+        for _ in 0..3 {
+            x[rng.below(vocab)] += 8.0 + 4.0 * rng.uniform() as f32;
+        }
+        *t = if rng.uniform() < 0.02 {
+            ignore_index
+        } else if rng.uniform() < 0.9 {
+            sample(x, rng.uniform()) as i64
+        } else {
+            rng.below(vocab) as i64
+        };
+    });
     (logits, targets)
 }
 

@@ -6,7 +6,14 @@ use common::{check_rows, gpu, new_gpu, random_case, to_bytes, ATOL, RTOL};
 use proptest::prelude::*;
 use xent::{Dtype, EncodeJob, Logits, Options, RowLoss, Targets};
 
-fn score_both(x: &[u8], dtype: Dtype, rows: usize, vocab: usize, t: &[i64], opts: &Options) -> (Vec<RowLoss>, Vec<xent::reference::RefRow>) {
+fn score_both(
+    x: &[u8],
+    dtype: Dtype,
+    rows: usize,
+    vocab: usize,
+    t: &[i64],
+    opts: &Options,
+) -> (Vec<RowLoss>, Vec<xent::reference::RefRow>) {
     let ctx = gpu().expect("GPU");
     let logits = Logits::from_bytes(x, dtype, rows, vocab).unwrap();
     let got = ctx.score(logits, Targets::I64(t), opts).unwrap();
@@ -231,28 +238,49 @@ fn encode_over_caller_buffers_with_offsets_and_stride() {
         bytes.resize(bytes.len().next_multiple_of(4), 0);
         use wgpu::util::DeviceExt;
         use wgpu::BufferUsages as U;
-        let logits_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("test logits"), contents: &bytes, usage: U::STORAGE });
+        let logits_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("test logits"),
+            contents: &bytes,
+            usage: U::STORAGE,
+        });
         let mut tv: Vec<u32> = vec![u32::MAX; 2];
         tv.extend(t.iter().map(|&v| v as u32));
-        let targets_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("test targets"), contents: bytemuck::cast_slice(&tv), usage: U::STORAGE });
+        let targets_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("test targets"),
+            contents: bytemuck::cast_slice(&tv),
+            usage: U::STORAGE,
+        });
         let out_rows = rows + 4;
         let poison = vec![0xA5u8; out_rows * 16];
-        let out_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("test out"), contents: &poison, usage: U::STORAGE | U::COPY_SRC });
-        let read = device.create_buffer(&wgpu::BufferDescriptor { label: Some("test read"), size: (out_rows * 16) as u64, usage: U::MAP_READ | U::COPY_DST, mapped_at_creation: false });
+        let out_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("test out"),
+            contents: &poison,
+            usage: U::STORAGE | U::COPY_SRC,
+        });
+        let read = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("test read"),
+            size: (out_rows * 16) as u64,
+            usage: U::MAP_READ | U::COPY_DST,
+            mapped_at_creation: false,
+        });
         let mut encoder = device.create_command_encoder(&Default::default());
-        ctx.encode(&mut encoder, &EncodeJob {
-            logits: &logits_buf,
-            logits_offset: (lead * dtype.size()) as u64,
-            dtype,
-            row_stride: stride as u64,
-            rows: rows as u64,
-            vocab: vocab as u32,
-            targets: &targets_buf,
-            targets_offset: 8,
-            ignore: None,
-            output: &out_buf,
-            output_offset: 32,
-        }).unwrap();
+        ctx.encode(
+            &mut encoder,
+            &EncodeJob {
+                logits: &logits_buf,
+                logits_offset: (lead * dtype.size()) as u64,
+                dtype,
+                row_stride: stride as u64,
+                rows: rows as u64,
+                vocab: vocab as u32,
+                targets: &targets_buf,
+                targets_offset: 8,
+                ignore: None,
+                output: &out_buf,
+                output_offset: 32,
+            },
+        )
+        .unwrap();
         encoder.copy_buffer_to_buffer(&out_buf, 0, &read, 0, (out_rows * 16) as u64);
         ctx.queue().submit([encoder.finish()]);
         let mut out = vec![RowLoss { nll: 0.0, lse: 0.0, argmax: 0, flags: 0 }; out_rows];
@@ -262,7 +290,12 @@ fn encode_over_caller_buffers_with_offsets_and_stride() {
         assert_eq!(out[1].flags, untouched.flags);
         assert_eq!(out[2 + rows].flags, untouched.flags, "{dtype}: row after the job was written");
         let dense = to_bytes(&x, dtype);
-        let want = xent::reference::score(Logits::from_bytes(&dense, dtype, rows, vocab).unwrap(), Targets::I64(&t), &Options::default()).unwrap();
+        let want = xent::reference::score(
+            Logits::from_bytes(&dense, dtype, rows, vocab).unwrap(),
+            Targets::I64(&t),
+            &Options::default(),
+        )
+        .unwrap();
         check_rows(&out[2..2 + rows], &want, ATOL, RTOL).unwrap_or_else(|m| panic!("{dtype}: {m}"));
     }
 }
@@ -271,12 +304,26 @@ fn encode_over_caller_buffers_with_offsets_and_stride() {
 fn encode_rejects_bad_regions() {
     let Some(ctx) = gpu() else { return };
     let device = ctx.device();
-    let make = |size, usage| device.create_buffer(&wgpu::BufferDescriptor { label: None, size, usage, mapped_at_creation: false });
+    let make = |size, usage| {
+        device.create_buffer(&wgpu::BufferDescriptor { label: None, size, usage, mapped_at_creation: false })
+    };
     let storage = wgpu::BufferUsages::STORAGE;
     let logits = make(400, storage);
     let targets = make(16, storage);
     let out = make(64, storage);
-    let job = EncodeJob { logits: &logits, logits_offset: 0, dtype: Dtype::F32, row_stride: 25, rows: 4, vocab: 25, targets: &targets, targets_offset: 0, ignore: None, output: &out, output_offset: 0 };
+    let job = EncodeJob {
+        logits: &logits,
+        logits_offset: 0,
+        dtype: Dtype::F32,
+        row_stride: 25,
+        rows: 4,
+        vocab: 25,
+        targets: &targets,
+        targets_offset: 0,
+        ignore: None,
+        output: &out,
+        output_offset: 0,
+    };
     let mut encoder = device.create_command_encoder(&Default::default());
     assert!(ctx.encode(&mut encoder, &job).is_ok());
     for bad in [
@@ -289,5 +336,8 @@ fn encode_rejects_bad_regions() {
         assert!(ctx.encode(&mut encoder, &bad).is_err());
     }
     let not_storage = make(400, wgpu::BufferUsages::COPY_DST);
-    assert!(matches!(ctx.encode(&mut encoder, &EncodeJob { logits: &not_storage, ..job }), Err(xent::Error::Buffer(_))));
+    assert!(matches!(
+        ctx.encode(&mut encoder, &EncodeJob { logits: &not_storage, ..job }),
+        Err(xent::Error::Buffer(_))
+    ));
 }
