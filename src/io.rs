@@ -267,19 +267,104 @@ pub fn write_npy_f32(path: &Path, data: &[f32]) -> Result<()> {
 /// # Errors
 /// [`Error::Io`] on any write failure.
 pub fn write_npy(path: &Path, descr: &str, shape: &[usize], bytes: &[u8]) -> Result<()> {
+    let mut w = AtomicWriter::create(path)?;
+    w.write(&npy_header(descr, shape))?;
+    w.write(bytes)?;
+    w.finish()
+}
+
+/// The header of a version 1.0 `.npy` file, padded so the data starts on a 64-byte boundary.
+pub fn npy_header(descr: &str, shape: &[usize]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let dims = if shape.len() == 1 { format!("{},", dims[0]) } else { dims.join(", ") };
     let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}");
-    // Pad so that the data starts on a 64-byte boundary, as numpy does.
     let total = (10 + header.len() + 1).next_multiple_of(64);
     header.push_str(&" ".repeat(total - 10 - header.len() - 1));
     header.push('\n');
-    let mut out = Vec::with_capacity(total + bytes.len());
+    let mut out = Vec::with_capacity(total);
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(bytes);
-    write_atomic(path, &out)
+    out
+}
+
+/// The header of a `.safetensors` file holding one tensor `name` of `dtype` (`F32`, `BF16`, …)
+/// and `shape`; the data (`bytes` long) follows it directly.
+pub fn safetensors_header(name: &str, dtype: &str, shape: &[usize], bytes: usize) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let mut json =
+        format!("{{\"{name}\":{{\"dtype\":\"{dtype}\",\"shape\":[{}],\"data_offsets\":[0,{bytes}]}}}}", dims.join(","));
+    // Pad with spaces so the data is 8-byte aligned, as the format recommends.
+    while (8 + json.len()) % 8 != 0 {
+        json.push(' ');
+    }
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(json.as_bytes());
+    out
+}
+
+/// A file that appears at its path only once complete: written under a temporary name beside
+/// it, renamed by [`AtomicWriter::finish`], removed if dropped before that.
+#[derive(Debug)]
+pub struct AtomicWriter {
+    path: std::path::PathBuf,
+    tmp: std::path::PathBuf,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl AtomicWriter {
+    /// Starts writing `path`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming `path` if the temporary file cannot be created.
+    pub fn create(path: &Path) -> Result<Self> {
+        let io = |error| Error::Io { path: path.display().to_string(), error };
+        let name = path.file_name().ok_or_else(|| io(std::io::Error::other("not a file name")))?;
+        let tmp = path.with_file_name(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+        let file = std::fs::File::create(&tmp).map_err(io)?;
+        Ok(AtomicWriter { path: path.to_path_buf(), tmp, file: Some(std::io::BufWriter::with_capacity(1 << 20, file)) })
+    }
+
+    fn io(&self, error: std::io::Error) -> Error {
+        Error::Io { path: self.path.display().to_string(), error }
+    }
+
+    /// Appends bytes.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the final path.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        match self.file.as_mut() {
+            Some(f) => f.write_all(bytes).map_err(|e| self.io(e)),
+            None => Err(self.io(std::io::Error::other("already finished"))),
+        }
+    }
+
+    /// Flushes, syncs and renames the file into place.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the final path; the temporary file is removed.
+    pub fn finish(mut self) -> Result<()> {
+        let Some(f) = self.file.take() else { return Ok(()) };
+        let done = f
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&self.tmp, &self.path));
+        done.map_err(|e| {
+            let _ = std::fs::remove_file(&self.tmp);
+            self.io(e)
+        })
+    }
+}
+
+impl Drop for AtomicWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Writes `bytes` to a temporary file in the same directory, then renames it over `path`,
@@ -288,12 +373,7 @@ pub fn write_npy(path: &Path, descr: &str, shape: &[usize], bytes: &[u8]) -> Res
 /// # Errors
 /// [`Error::Io`] naming `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |error| Error::Io { path: path.display().to_string(), error };
-    let file_name = path.file_name().ok_or_else(|| io(std::io::Error::other("not a file name")))?;
-    let tmp = path.with_file_name(format!(".{}.tmp{}", file_name.to_string_lossy(), std::process::id()));
-    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io)
+    let mut w = AtomicWriter::create(path)?;
+    w.write(bytes)?;
+    w.finish()
 }

@@ -29,6 +29,8 @@ enum Command {
     Info,
     /// Generate a realistic evaluation set, score it on GPU and CPU, show agreement and speed.
     Demo(DemoArgs),
+    /// Write a generated evaluation set (Zipf-like logits, sampled targets) to files, in bounded memory.
+    Gen(GenArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -126,6 +128,28 @@ struct DemoArgs {
     seed: u64,
 }
 
+#[derive(clap::Args)]
+struct GenArgs {
+    /// Rows (tokens).
+    #[arg(long)]
+    rows: usize,
+    /// Vocabulary size.
+    #[arg(long)]
+    vocab: usize,
+    /// Logits dtype (bf16 needs a .safetensors output).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// Seed of the generator.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Output logits file, .npy or .safetensors (tensor "logits").
+    #[arg(long)]
+    logits: PathBuf,
+    /// Output targets file (i64), .npy or .safetensors (tensor "targets").
+    #[arg(long)]
+    targets: PathBuf,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -133,6 +157,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench(&a),
         Command::Info => info(),
         Command::Demo(a) => demo(&a),
+        Command::Gen(a) => gen(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -474,4 +499,57 @@ fn worst_error(got: &[RowLoss], reference: &[xent::reference::RefRow]) -> f64 {
             }
         })
         .fold(0.0, f64::max)
+}
+
+fn gen(a: &GenArgs) -> Result<()> {
+    if a.vocab == 0 {
+        bail!("--vocab must be at least 1");
+    }
+    let dtype: Dtype = a.dtype.into();
+    let is_st = |p: &PathBuf| p.extension().is_some_and(|e| e == "safetensors");
+    let is_npy = |p: &PathBuf| p.extension().is_some_and(|e| e == "npy");
+    for p in [&a.logits, &a.targets] {
+        if !is_st(p) && !is_npy(p) {
+            bail!("{}: unknown extension: expected .npy or .safetensors", p.display());
+        }
+    }
+    if dtype == Dtype::BF16 && is_npy(&a.logits) {
+        bail!("{}: .npy has no bf16 dtype; write bf16 logits to a .safetensors file", a.logits.display());
+    }
+    let shape = [a.rows, a.vocab];
+    let bytes =
+        a.rows.checked_mul(a.vocab).and_then(|n| n.checked_mul(dtype.size())).context("--rows x --vocab overflows")?;
+    let mut lw = xent::io::AtomicWriter::create(&a.logits)?;
+    lw.write(&if is_st(&a.logits) {
+        let st = match dtype {
+            Dtype::F32 => "F32",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+        };
+        xent::io::safetensors_header("logits", st, &shape, bytes)
+    } else {
+        xent::io::npy_header(if dtype == Dtype::F32 { "<f4" } else { "<f2" }, &shape)
+    })?;
+    let generator = xent::synth::Generator::new(a.vocab, a.seed, -100);
+    let block = ((64usize << 20) / (4 * a.vocab)).max(1);
+    let mut targets = vec![0i64; a.rows];
+    let mut x = Vec::new();
+    for r0 in (0..a.rows).step_by(block) {
+        let n = block.min(a.rows - r0);
+        x.resize(n * a.vocab, 0f32);
+        generator.fill(r0, &mut x, &mut targets[r0..r0 + n]);
+        lw.write(&to_bytes(&x, dtype))?;
+    }
+    let tb: &[u8] = bytemuck::cast_slice(&targets);
+    let mut tw = xent::io::AtomicWriter::create(&a.targets)?;
+    tw.write(&if is_st(&a.targets) {
+        xent::io::safetensors_header("targets", "I64", &[a.rows], tb.len())
+    } else {
+        xent::io::npy_header("<i8", &[a.rows])
+    })?;
+    tw.write(tb)?;
+    lw.finish()?;
+    tw.finish()?;
+    eprintln!("xent gen: wrote {} ({} x {} {dtype}) and {}", a.logits.display(), a.rows, a.vocab, a.targets.display());
+    Ok(())
 }

@@ -36,38 +36,62 @@ impl Rng {
     }
 }
 
-/// Generates `rows x vocab` f32 logits and one i64 target per row.
+/// Generates `rows x vocab` f32 logits and one i64 target per row (see [`Generator`]).
+pub fn eval_set(rows: usize, vocab: usize, seed: u64, ignore_index: i64) -> (Vec<f32>, Vec<i64>) {
+    let gen = Generator::new(vocab, seed, ignore_index);
+    let mut logits = vec![0f32; rows * vocab];
+    let mut targets = vec![0i64; rows];
+    gen.fill(0, &mut logits, &mut targets);
+    (logits, targets)
+}
+
+/// A deterministic source of language-model-like rows: row `r` depends only on the seed and `r`,
+/// so any block of rows can be generated on its own (for files larger than memory).
 ///
 /// Each row is a Zipf prior over a fixed shuffle of the vocabulary, plus noise, plus a few
 /// strongly boosted "in context" tokens; 90% of targets are sampled from the row's softmax,
 /// the rest uniformly, and about 2% are `ignore_index` (padding).
-pub fn eval_set(rows: usize, vocab: usize, seed: u64, ignore_index: i64) -> (Vec<f32>, Vec<i64>) {
-    let mut rng = Rng::new(seed);
-    // Zipf prior: the token of rank k gets -1.1 * ln(1 + k); ranks are a fixed shuffle.
-    let mut rank: Vec<usize> = (0..vocab).collect();
-    for i in (1..vocab).rev() {
-        rank.swap(i, rng.below(i + 1));
+#[derive(Debug, Clone)]
+pub struct Generator {
+    prior: Vec<f32>,
+    seed: u64,
+    ignore_index: i64,
+}
+
+impl Generator {
+    /// A generator for rows of `vocab` logits (`vocab > 0`).
+    pub fn new(vocab: usize, seed: u64, ignore_index: i64) -> Self {
+        let mut rng = Rng::new(seed);
+        // Zipf prior: the token of rank k gets -1.1 * ln(1 + k); ranks are a fixed shuffle.
+        let mut rank: Vec<usize> = (0..vocab).collect();
+        for i in (1..vocab).rev() {
+            rank.swap(i, rng.below(i + 1));
+        }
+        let prior = rank.iter().map(|&k| (-1.1 * (1.0 + k as f64).ln()) as f32).collect();
+        Generator { prior, seed, ignore_index }
     }
-    let prior: Vec<f32> = rank.iter().map(|&k| (-1.1 * (1.0 + k as f64).ln()) as f32).collect();
-    let mut logits = vec![0f32; rows * vocab];
-    let mut targets = vec![0i64; rows];
-    logits.par_chunks_mut(vocab.max(1)).zip(targets.par_iter_mut()).enumerate().for_each(|(r, (x, t))| {
-        let mut rng = Rng::new(seed ^ (r as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
-        for (v, p) in x.iter_mut().zip(&prior) {
-            *v = p + (0.8 * rng.normal()) as f32;
-        }
-        for _ in 0..3 {
-            x[rng.below(vocab)] += 8.0 + 4.0 * rng.uniform() as f32;
-        }
-        *t = if rng.uniform() < 0.02 {
-            ignore_index
-        } else if rng.uniform() < 0.9 {
-            sample(x, rng.uniform()) as i64
-        } else {
-            rng.below(vocab) as i64
-        };
-    });
-    (logits, targets)
+
+    /// Fills rows `first_row..` : `logits` holds whole rows, `targets` one per row.
+    pub fn fill(&self, first_row: usize, logits: &mut [f32], targets: &mut [i64]) {
+        let vocab = self.prior.len().max(1);
+        logits.par_chunks_mut(vocab).zip(targets.par_iter_mut()).enumerate().for_each(|(i, (x, t))| {
+            let r = (first_row + i) as u64;
+            let mut rng = Rng::new(self.seed ^ (r + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+            for (v, p) in x.iter_mut().zip(&self.prior) {
+                *v = p + (0.8 * rng.normal()) as f32;
+            }
+            for _ in 0..3 {
+                x[rng.below(vocab)] += 8.0 + 4.0 * rng.uniform() as f32;
+            }
+            *t = if rng.uniform() < 0.02 {
+                self.ignore_index
+            } else if rng.uniform() < 0.9 {
+                sample(x, rng.uniform()) as i64
+            } else {
+                rng.below(vocab) as i64
+            };
+        });
+    }
 }
 
 /// Index drawn from softmax(x) by inverse CDF at `u` in `[0, 1)`.
