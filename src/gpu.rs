@@ -13,19 +13,65 @@ use wgpu::util::DeviceExt;
 use crate::error::{Error, Result};
 use crate::problem::{validate_targets, Dtype, Logits, Options, RowLoss, Targets, IGNORED_TARGET};
 
-/// The WGSL sources, by name.
+/// The WGSL sources, by name. A kernel module is the common part followed by one reduction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Shader {
-    /// The fused forward kernel.
-    Forward,
+    /// Row scan, merge, result writing and the `combine` pass for split rows.
+    ForwardCommon,
+    /// Reduction through workgroup memory.
+    ReduceWorkgroup,
+    /// Reduction through subgroup operations.
+    ReduceSubgroup,
 }
 
 impl Shader {
     fn source(self) -> &'static str {
         match self {
-            Shader::Forward => include_str!("../shaders/xent_forward.wgsl"),
+            Shader::ForwardCommon => include_str!("../shaders/forward_common.wgsl"),
+            Shader::ReduceWorkgroup => include_str!("../shaders/reduce_workgroup.wgsl"),
+            Shader::ReduceSubgroup => include_str!("../shaders/reduce_subgroup.wgsl"),
         }
     }
+}
+
+/// How partial results of a row are combined inside a workgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reduction {
+    /// A tree in workgroup memory: every adapter.
+    Workgroup,
+    /// Subgroup operations (`Features::SUBGROUP`), any subgroup size.
+    Subgroup,
+}
+
+/// How the kernel lays rows over workgroups; chosen by [`GpuContext::plan`] from the shape
+/// and the adapter, shown by `xent bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Plan {
+    /// How a workgroup reduces.
+    pub reduction: Reduction,
+    /// Rows sharing one workgroup (short rows); a power of two dividing the workgroup size.
+    pub rows_per_workgroup: u32,
+    /// Workgroups per row (few, long rows); partial results are merged by a second pass.
+    pub split: u32,
+}
+
+impl std::fmt::Display for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = match self.reduction {
+            Reduction::Workgroup => "workgroup",
+            Reduction::Subgroup => "subgroup",
+        };
+        write!(f, "{r} reduce, {} row/wg, split {}", self.rows_per_workgroup, self.split)
+    }
+}
+
+/// Entry points of a kernel module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Entry {
+    /// The fused scan and reduction.
+    Main,
+    /// Merging the parts of split rows.
+    Combine,
 }
 
 /// Compile-time choices of a pipeline: one compiled pipeline per distinct key.
@@ -33,6 +79,9 @@ impl Shader {
 struct PipelineKey {
     dtype: Dtype,
     workgroup_size: u32,
+    rows_per_workgroup: u32,
+    reduction: Reduction,
+    entry: Entry,
 }
 
 /// Mirror of the shader's `Params` uniform.
@@ -47,7 +96,17 @@ struct Params {
     out_offset: u32,
     ignore: u32,
     groups_x: u32,
+    split: u32,
+    split_len: u32,
+    _pad: [u32; 2],
 }
+
+/// Bytes of one partial state of a split row in the shader (`State`: five 4-byte fields).
+const PARTIAL_BYTES: u64 = 20;
+
+/// Workgroups the planner wants in flight before it splits rows: enough to cover every compute
+/// unit of a large GPU several times over (an H200 has 132 SMs).
+const TARGET_GROUPS: u64 = 1024;
 
 /// Bytes of one [`RowLoss`] in the output buffer.
 pub const ROW_LOSS_BYTES: u64 = std::mem::size_of::<RowLoss>() as u64;
@@ -102,10 +161,14 @@ pub struct GpuContext {
     info: wgpu::AdapterInfo,
     layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
-    module: wgpu::ShaderModule,
+    workgroup_module: wgpu::ShaderModule,
+    subgroup_module: Option<wgpu::ShaderModule>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    /// Bound as `partials` when no row is split (a binding must always be present).
+    no_partials: wgpu::Buffer,
     workgroup_size: u32,
     max_binding: u64,
+    forced_plan: Option<Plan>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -184,6 +247,8 @@ impl GpuContext {
                 layout_entry(1, wgpu::BufferBindingType::Storage { read_only: true }),
                 layout_entry(2, wgpu::BufferBindingType::Storage { read_only: true }),
                 layout_entry(3, wgpu::BufferBindingType::Storage { read_only: false }),
+                layout_entry(4, wgpu::BufferBindingType::Storage { read_only: true }),
+                layout_entry(5, wgpu::BufferBindingType::Storage { read_only: false }),
             ],
         });
         let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
@@ -191,9 +256,23 @@ impl GpuContext {
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("xent_forward.wgsl"),
-            source: wgpu::ShaderSource::Wgsl(Shader::Forward.source().into()),
+        let module = |label, reduce: Shader| {
+            let source = format!("{}\n{}", Shader::ForwardCommon.source(), reduce.source());
+            device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(label),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            })
+        };
+        let workgroup_module = module("xent forward (workgroup reduce)", Shader::ReduceWorkgroup);
+        let subgroup_module = device
+            .features()
+            .contains(wgpu::Features::SUBGROUP)
+            .then(|| module("xent forward (subgroup reduce)", Shader::ReduceSubgroup));
+        let no_partials = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("xent no partials"),
+            size: 32,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
         });
         // Capped at 4 GiB - 1 so that element indices inside one window fit the shader's u32.
         let max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size).min(u64::from(u32::MAX));
@@ -203,10 +282,13 @@ impl GpuContext {
             info,
             layout,
             pipeline_layout,
-            module,
+            workgroup_module,
+            subgroup_module,
             pipelines: Mutex::new(HashMap::new()),
+            no_partials,
             workgroup_size,
             max_binding,
+            forced_plan: None,
         }
     }
 
@@ -238,6 +320,52 @@ impl GpuContext {
         self.max_binding = bytes.min(limit).max(1024);
     }
 
+    /// Makes every later job use `plan` (or, with `None`, the planner's choice again).
+    /// Tests use this to run every reduction path on one adapter; a subgroup plan on a device
+    /// without `Features::SUBGROUP`, or an impossible rows-per-workgroup, falls back safely.
+    pub fn force_plan(&mut self, plan: Option<Plan>) {
+        self.forced_plan = plan;
+    }
+
+    /// Whether the subgroup reduction is available on this device.
+    pub fn has_subgroups(&self) -> bool {
+        self.subgroup_module.is_some()
+    }
+
+    /// The layout the kernel will use for `rows` rows of `vocab` logits.
+    ///
+    /// Short rows are packed several to a workgroup (about one lane per 16 logits); when rows
+    /// are too few to give [`TARGET_GROUPS`] workgroups and are long, each is split over several
+    /// workgroups of at least 4096 logits and merged by a second pass; subgroup operations
+    /// reduce whenever the device has them and a workgroup holds one row part.
+    pub fn plan(&self, rows: u64, vocab: u32) -> Plan {
+        let wg = self.workgroup_size;
+        let plan = self.forced_plan.unwrap_or_else(|| {
+            let rows_per_workgroup = if wg.is_power_of_two() && vocab <= 2048 {
+                wg / vocab.div_ceil(16).next_power_of_two().min(wg)
+            } else {
+                1
+            };
+            let split = if rows_per_workgroup == 1 && rows < TARGET_GROUPS && vocab >= 16_384 {
+                TARGET_GROUPS.div_ceil(rows.max(1)).min(u64::from(vocab / 4096)).clamp(1, 256) as u32
+            } else {
+                1
+            };
+            Plan { reduction: Reduction::Subgroup, rows_per_workgroup, split }
+        });
+        // Make any plan (a forced one included) safe for this device and shape.
+        let rows_per_workgroup =
+            if wg.is_power_of_two() && plan.rows_per_workgroup.is_power_of_two() && plan.rows_per_workgroup <= wg {
+                plan.rows_per_workgroup
+            } else {
+                1
+            };
+        let split = if rows_per_workgroup == 1 { plan.split.clamp(1, vocab.div_ceil(8)) } else { 1 };
+        let reduction =
+            if self.has_subgroups() && rows_per_workgroup == 1 { plan.reduction } else { Reduction::Workgroup };
+        Plan { reduction, rows_per_workgroup, split }
+    }
+
     fn pipeline(&self, key: PipelineKey) -> wgpu::ComputePipeline {
         let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
         cache
@@ -248,13 +376,25 @@ impl GpuContext {
                     Dtype::F16 => 1.0,
                     Dtype::BF16 => 2.0,
                 };
+                let module = match (key.reduction, &self.subgroup_module) {
+                    (Reduction::Subgroup, Some(m)) if key.entry == Entry::Main => m,
+                    _ => &self.workgroup_module,
+                };
+                let (entry, label) = match key.entry {
+                    Entry::Main => ("main", "xent forward"),
+                    Entry::Combine => ("combine", "xent combine split rows"),
+                };
                 self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some("xent forward"),
+                    label: Some(label),
                     layout: Some(&self.pipeline_layout),
-                    module: &self.module,
-                    entry_point: Some("main"),
+                    module,
+                    entry_point: Some(entry),
                     compilation_options: wgpu::PipelineCompilationOptions {
-                        constants: &[("DTYPE", dtype_code), ("WG_SIZE", f64::from(key.workgroup_size))],
+                        constants: &[
+                            ("DTYPE", dtype_code),
+                            ("WG_SIZE", f64::from(key.workgroup_size)),
+                            ("ROWS_PER_WG", f64::from(key.rows_per_workgroup)),
+                        ],
                         // Every workgroup variable is written before it is read.
                         zero_initialize_workgroup_memory: false,
                     },
@@ -338,66 +478,121 @@ impl GpuContext {
         check_region("output", job.output, job.output_offset + job.rows * ROW_LOSS_BYTES)?;
 
         let chunk = self.rows_per_chunk(job.dtype, job.row_stride, vocab)?;
-        let pipeline = self.pipeline(PipelineKey { dtype: job.dtype, workgroup_size: self.workgroup_size });
         let uniform_stride = u64::from(self.device.limits().min_uniform_buffer_offset_alignment)
             .max(std::mem::size_of::<Params>() as u64);
         let n_chunks = job.rows.div_ceil(chunk);
 
-        // Plan every chunk first: its windows and its uniform slot.
+        // Plan every chunk first: its layout, windows and uniform slot.
+        struct ChunkPlan {
+            plan: Plan,
+            logits: Window,
+            targets: Window,
+            output: Window,
+            groups: (u32, u32),
+            combine_groups: (u32, u32),
+        }
         let mut uniform_bytes = vec![0u8; (n_chunks * uniform_stride) as usize];
-        let mut plans = Vec::with_capacity(n_chunks as usize);
+        let mut chunks = Vec::with_capacity(n_chunks as usize);
+        let mut partial_count = 0u64;
         for c in 0..n_chunks {
             let r0 = c * chunk;
             let rows = chunk.min(job.rows - r0);
+            let plan = self.plan(rows, job.vocab);
+            let split_len = job.vocab.div_ceil(plan.split).next_multiple_of(8);
+            let split = job.vocab.div_ceil(split_len);
+            let plan = Plan { split, ..plan };
+            if split > 1 {
+                partial_count = partial_count.max(rows * u64::from(split));
+            }
             let start = job.logits_offset + r0 * job.row_stride * es;
             let end = start + ((rows - 1) * job.row_stride + vocab) * es;
-            let lw = self.window(job.logits, start, end, es);
-            let tw = self.window(job.targets, job.targets_offset + r0 * 4, job.targets_offset + (r0 + rows) * 4, 4);
-            let ow = self.window(
+            let logits = self.window(job.logits, start, end, es);
+            let targets =
+                self.window(job.targets, job.targets_offset + r0 * 4, job.targets_offset + (r0 + rows) * 4, 4);
+            let output = self.window(
                 job.output,
                 job.output_offset + r0 * ROW_LOSS_BYTES,
                 job.output_offset + (r0 + rows) * ROW_LOSS_BYTES,
                 ROW_LOSS_BYTES,
             );
-            let groups_x = (rows as u32).min(MAX_GROUPS_PER_DIM);
+            let groups = grid((rows * u64::from(split)).div_ceil(u64::from(plan.rows_per_workgroup)));
             let params = Params {
                 rows: rows as u32,
                 vocab: job.vocab,
                 row_stride: job.row_stride as u32,
-                logits_offset: lw.first as u32,
-                targets_offset: tw.first as u32,
-                out_offset: ow.first as u32,
+                logits_offset: logits.first as u32,
+                targets_offset: targets.first as u32,
+                out_offset: output.first as u32,
                 ignore: job.ignore.unwrap_or(IGNORED_TARGET),
-                groups_x,
+                groups_x: groups.0,
+                split,
+                split_len,
+                _pad: [0; 2],
             };
             let slot = (c * uniform_stride) as usize;
             uniform_bytes[slot..slot + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&params));
-            plans.push((lw, tw, ow, groups_x, (rows as u32).div_ceil(groups_x)));
+            chunks.push(ChunkPlan { plan, logits, targets, output, groups, combine_groups: grid(rows.div_ceil(64)) });
+        }
+        if chunks.iter().any(|c| c.logits.size < 16) {
+            return Err(Error::Buffer("the logits buffer must hold at least 16 bytes from the window start".into()));
         }
         let uniforms = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("xent params"),
             contents: &uniform_bytes,
             usage: wgpu::BufferUsages::UNIFORM,
         });
+        let partials = (partial_count > 0).then(|| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("xent split-row partials"),
+                size: partial_count * PARTIAL_BYTES,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        });
 
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("xent forward"),
             timestamp_writes: timestamps,
         });
-        pass.set_pipeline(&pipeline);
-        for (c, (lw, tw, ow, gx, gy)) in plans.iter().enumerate() {
+        for (c, ch) in chunks.iter().enumerate() {
+            let partials_buf = match (&partials, ch.plan.split > 1) {
+                (Some(p), true) => p,
+                _ => &self.no_partials,
+            };
+            // The vec4 view covers whole 16-byte words only; the scalar view the whole window.
+            let vec_size = (ch.logits.size / 16 * 16).max(16);
             let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("xent forward bind group"),
                 layout: &self.layout,
                 entries: &[
                     buffer_entry(0, &uniforms, c as u64 * uniform_stride, std::mem::size_of::<Params>() as u64),
-                    buffer_entry(1, job.logits, lw.offset, lw.size),
-                    buffer_entry(2, job.targets, tw.offset, tw.size),
-                    buffer_entry(3, job.output, ow.offset, ow.size),
+                    buffer_entry(1, job.logits, ch.logits.offset, vec_size),
+                    buffer_entry(2, job.targets, ch.targets.offset, ch.targets.size),
+                    buffer_entry(3, job.output, ch.output.offset, ch.output.size),
+                    buffer_entry(4, job.logits, ch.logits.offset, ch.logits.size),
+                    buffer_entry(5, partials_buf, 0, partials_buf.size()),
                 ],
             });
+            let key = PipelineKey {
+                dtype: job.dtype,
+                workgroup_size: self.workgroup_size,
+                rows_per_workgroup: ch.plan.rows_per_workgroup,
+                reduction: ch.plan.reduction,
+                entry: Entry::Main,
+            };
+            pass.set_pipeline(&self.pipeline(key));
             pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups(*gx, *gy, 1);
+            pass.dispatch_workgroups(ch.groups.0, ch.groups.1, 1);
+            if ch.plan.split > 1 {
+                let key = PipelineKey {
+                    rows_per_workgroup: 1,
+                    reduction: Reduction::Workgroup,
+                    entry: Entry::Combine,
+                    ..key
+                };
+                pass.set_pipeline(&self.pipeline(key));
+                pass.dispatch_workgroups(ch.combine_groups.0, ch.combine_groups.1, 1);
+            }
         }
         Ok(())
     }
@@ -407,7 +602,9 @@ impl GpuContext {
         let align = u64::from(self.device.limits().min_storage_buffer_offset_alignment);
         let offset = start / align * align;
         let end = end.next_multiple_of(4).min(buffer.size());
-        Window { offset, size: end - offset, first: (start - offset) / unit }
+        // At least 16 bytes where the buffer has them: the vec4 view of the logits needs one whole element.
+        let size = (end - offset).max(16.min(buffer.size() - offset));
+        Window { offset, size, first: (start - offset) / unit }
     }
 
     /// Scores host logits on the GPU: validates targets, uploads chunk by chunk, runs the fused
@@ -434,7 +631,7 @@ impl GpuContext {
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
-        let logits_buf = self.buffer("xent logits", (chunk * rb).next_multiple_of(4), storage);
+        let logits_buf = self.buffer("xent logits", (chunk * rb).next_multiple_of(16).max(16), storage);
         let targets_buf = self.buffer("xent targets", chunk * 4, storage);
         let out_buf = self.buffer("xent output", chunk * ROW_LOSS_BYTES, storage | wgpu::BufferUsages::COPY_SRC);
         let readback = self.buffer(
@@ -491,6 +688,12 @@ impl GpuContext {
             mapped_at_creation: false,
         })
     }
+}
+
+/// A 2-D grid of `groups` workgroups: x up to 65,535, then y.
+fn grid(groups: u64) -> (u32, u32) {
+    let x = groups.clamp(1, u64::from(MAX_GROUPS_PER_DIM)) as u32;
+    (x, groups.div_ceil(u64::from(x)).max(1) as u32)
 }
 
 fn layout_entry(binding: u32, ty: wgpu::BufferBindingType) -> wgpu::BindGroupLayoutEntry {

@@ -62,7 +62,7 @@ mod summary;
 pub mod synth;
 
 pub use error::{Error, Result};
-pub use gpu::{read_buffer, EncodeJob, GpuContext, ROW_LOSS_BYTES};
+pub use gpu::{read_buffer, EncodeJob, GpuContext, Plan, Reduction, ROW_LOSS_BYTES};
 pub use problem::{validate_targets, Dtype, Logits, Options, RowLoss, Targets, IGNORED_TARGET};
 pub use summary::Summary;
 

@@ -1,33 +1,46 @@
-//! The fused GPU kernel against the f64 reference, over shapes, dtypes and edge cases.
+//! The fused GPU kernel against the f64 reference, over shapes, dtypes, every kernel layout
+//! (workgroup and subgroup reductions, several rows per workgroup, split rows) and edge cases.
 
 mod common;
 
-use common::{check_rows, gpu, new_gpu, random_case, to_bytes, ATOL, RTOL};
+use common::{check_rows, gpu, new_gpu, planned_gpus, random_case, to_bytes, ATOL, RTOL};
 use proptest::prelude::*;
-use xent::{Dtype, EncodeJob, Logits, Options, RowLoss, Targets};
+use xent::{Dtype, EncodeJob, GpuContext, Logits, Options, RowLoss, Targets};
 
-fn score_both(
+type Scored = (Vec<RowLoss>, Vec<xent::reference::RefRow>);
+
+fn score_with(
+    ctx: &GpuContext,
     x: &[u8],
     dtype: Dtype,
     rows: usize,
     vocab: usize,
     t: &[i64],
     opts: &Options,
-) -> (Vec<RowLoss>, Vec<xent::reference::RefRow>) {
-    let ctx = gpu().expect("GPU");
+) -> Scored {
     let logits = Logits::from_bytes(x, dtype, rows, vocab).unwrap();
     let got = ctx.score(logits, Targets::I64(t), opts).unwrap();
     let want = xent::reference::score(logits, Targets::I64(t), opts).unwrap();
     (got, want)
 }
 
+fn score_both(x: &[u8], dtype: Dtype, rows: usize, vocab: usize, t: &[i64], opts: &Options) -> Scored {
+    score_with(gpu().expect("GPU"), x, dtype, rows, vocab, t, opts)
+}
+
+/// Checks one case under the planner's choice, returning the worst nll error.
 fn assert_case(x: &[f32], dtype: Dtype, vocab: usize, t: &[i64]) -> f64 {
+    assert_case_with(gpu().expect("GPU"), x, dtype, vocab, t)
+}
+
+fn assert_case_with(ctx: &GpuContext, x: &[f32], dtype: Dtype, vocab: usize, t: &[i64]) -> f64 {
     let rows = t.len();
     let bytes = to_bytes(x, dtype);
-    let (got, want) = score_both(&bytes, dtype, rows, vocab, t, &Options::default());
+    let (got, want) = score_with(ctx, &bytes, dtype, rows, vocab, t, &Options::default());
+    let plan = ctx.plan(rows as u64, vocab as u32);
     match check_rows(&got, &want, ATOL, RTOL) {
         Ok(worst) => worst,
-        Err(msg) => panic!("{rows} x {vocab} {dtype}: {msg}"),
+        Err(msg) => panic!("{rows} x {vocab} {dtype} ({plan}): {msg}"),
     }
 }
 
@@ -51,7 +64,7 @@ fn vocab_strategy() -> impl Strategy<Value = usize> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 48,
+        cases: 96,
         rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_0001),
         failure_persistence: None,
         ..ProptestConfig::default()
@@ -60,12 +73,14 @@ proptest! {
     #[test]
     fn gpu_matches_reference(vocab in vocab_strategy(), rows in 1usize..24, seed in any::<u64>(),
                              dtype in prop_oneof![Just(Dtype::F32), Just(Dtype::F16), Just(Dtype::BF16)],
-                             scale in prop_oneof![Just(1.0f32), Just(4.0), Just(30.0)]) {
+                             scale in prop_oneof![Just(1.0f32), Just(4.0), Just(30.0)],
+                             plan in 0usize..9) {
         if gpu().is_none() { return Ok(()); }
         let rows = if vocab > 100_000 { rows.min(6) } else { rows };
         let (x, mut t) = random_case(rows, vocab, seed, scale);
         if rows > 2 { t[1] = -100; }
-        assert_case(&x, dtype, vocab, &t);
+        let (_, ctx) = &planned_gpus()[plan % planned_gpus().len()];
+        assert_case_with(ctx, &x, dtype, vocab, &t);
     }
 }
 
@@ -128,14 +143,58 @@ fn pinned_edge_cases() {
             Dtype::BF16 => x.clone(),
         };
         let bytes = to_bytes(&x, dtype);
-        let (got, want) = score_both(&bytes, dtype, t.len(), vocab, &t, &Options::default());
-        check_rows(&got, &want, ATOL, RTOL).unwrap_or_else(|m| panic!("{dtype}: {m}"));
-        if dtype == Dtype::F32 {
-            assert_eq!(got[3].nll, f32::INFINITY);
-            assert!(got[4].nll.is_nan() && got[5].nll.is_nan() && got[6].nll.is_nan());
-            assert!(got[7].correct() && !got[8].correct());
-            assert_eq!(got[7].argmax, 1);
-            assert!(got[11].ignored() && got[11].nll == 0.0);
+        for (plan, ctx) in planned_gpus() {
+            let (got, want) = score_with(ctx, &bytes, dtype, t.len(), vocab, &t, &Options::default());
+            check_rows(&got, &want, ATOL, RTOL).unwrap_or_else(|m| panic!("{dtype} {plan:?}: {m}"));
+            if dtype == Dtype::F32 {
+                assert_eq!(got[3].nll, f32::INFINITY);
+                assert!(got[4].nll.is_nan() && got[5].nll.is_nan() && got[6].nll.is_nan());
+                assert!(got[7].correct() && !got[8].correct());
+                assert_eq!(got[7].argmax, 1);
+                assert!(got[11].ignored() && got[11].nll == 0.0);
+            }
+        }
+    }
+}
+
+/// The same edge cases inside long rows, at positions in the unaligned head, the vec4 body, the
+/// tail and on both sides of split boundaries, under every kernel layout.
+#[test]
+fn pinned_edge_cases_in_long_rows() {
+    if gpu().is_none() {
+        return;
+    }
+    let vocab = 4099;
+    let inf = f32::INFINITY;
+    let (base, _) = random_case(1, vocab, 99, 1.0);
+    let mut x = Vec::new();
+    let mut t = Vec::new();
+    let mut row = |edits: &[(usize, f32)], target: i64| {
+        let mut r = base.clone();
+        for &(j, v) in edits {
+            r[j] = v;
+        }
+        x.extend(r);
+        t.push(target);
+    };
+    for p in [0usize, 1, 3, 5, 1365, 2049, 4096, 4098] {
+        row(&[(p, f32::NAN)], 7);
+        row(&[(p, inf)], 7);
+        row(&[(p, -inf)], p as i64);
+        row(&[(p, 3e38)], ((p + 1) % vocab) as i64);
+        row(&[(p, 3e38)], p as i64);
+        // Ties across positions: the first index wins.
+        let q = (p + 2048) % vocab;
+        let (a, b) = (p.min(q), p.max(q));
+        row(&[(a, 50.0), (b, 50.0)], a as i64);
+        row(&[(a, 50.0), (b, 50.0)], b as i64);
+    }
+    row(&vec![(0, -inf); 1].iter().copied().chain((1..vocab).map(|j| (j, -inf))).collect::<Vec<_>>(), 3);
+    for dtype in [Dtype::F32, Dtype::BF16] {
+        let bytes = to_bytes(&x, dtype);
+        for (plan, ctx) in planned_gpus() {
+            let (got, want) = score_with(ctx, &bytes, dtype, t.len(), vocab, &t, &Options::default());
+            check_rows(&got, &want, ATOL, RTOL).unwrap_or_else(|m| panic!("{dtype} {plan:?}: {m}"));
         }
     }
 }
@@ -186,8 +245,15 @@ fn bad_targets_are_errors_naming_the_row() {
 /// alignment boundaries, for every dtype.
 #[test]
 fn chunked_path_matches_reference() {
+    for plan in common::all_plans() {
+        chunked_path_with(plan);
+    }
+}
+
+fn chunked_path_with(plan: Option<xent::Plan>) {
     let Some(mut ctx) = new_gpu() else { return };
     ctx.set_max_binding_bytes(4096);
+    ctx.force_plan(plan);
     for (rows, vocab) in [(97usize, 301usize), (40, 1000), (300, 7), (5, 977)] {
         for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
             let chunk = ctx.rows_per_chunk(dtype, vocab as u64, vocab as u64).unwrap();
@@ -198,7 +264,7 @@ fn chunked_path_matches_reference() {
             let logits = Logits::from_bytes(&bytes, dtype, rows, vocab).unwrap();
             let got = ctx.score(logits, Targets::I64(&t), &Options::default()).unwrap();
             let want = xent::reference::score(logits, Targets::I64(&t), &Options::default()).unwrap();
-            check_rows(&got, &want, ATOL, RTOL).unwrap_or_else(|m| panic!("{rows} x {vocab} {dtype}: {m}"));
+            check_rows(&got, &want, ATOL, RTOL).unwrap_or_else(|m| panic!("{rows} x {vocab} {dtype} {plan:?}: {m}"));
         }
     }
     // A row larger than a binding is an error, not a wrong answer.
@@ -216,14 +282,43 @@ fn more_rows_than_one_dispatch_dimension() {
     let rows = 70_001;
     let vocab = 3;
     let (x, t) = random_case(rows, vocab, 5, 2.0);
+    // One row per workgroup, so the grid needs a second dimension.
+    for (plan, ctx) in &planned_gpus()[1..3] {
+        assert_eq!(ctx.plan(rows as u64, vocab as u32).rows_per_workgroup, 1, "{plan:?}");
+        assert_case_with(ctx, &x, Dtype::F32, vocab, &t);
+    }
     assert_case(&x, Dtype::F32, vocab, &t);
+}
+
+#[test]
+fn planner_choices() {
+    let Some(ctx) = gpu() else { return };
+    let one = ctx.plan(1, 256_000);
+    assert!(one.split > 1, "one long row is split: {one}");
+    let big = ctx.plan(8192, 128_256);
+    assert_eq!((big.split, big.rows_per_workgroup), (1, 1), "{big}");
+    let short = ctx.plan(10_000, 100);
+    assert!(short.rows_per_workgroup > 1, "short rows share a workgroup: {short}");
+    if ctx.has_subgroups() {
+        assert_eq!(big.reduction, xent::Reduction::Subgroup);
+    } else {
+        eprintln!("!!!!! this adapter has no subgroups: only the workgroup reduction is tested here !!!!!");
+    }
 }
 
 /// `encode` over a caller's buffers with offsets, a padded row stride, and a poisoned output:
 /// rows not written stay poisoned, rows outside the job are untouched.
 #[test]
 fn encode_over_caller_buffers_with_offsets_and_stride() {
-    let Some(ctx) = gpu() else { return };
+    if gpu().is_none() {
+        return;
+    }
+    for (_, ctx) in planned_gpus() {
+        encode_with_offsets(ctx);
+    }
+}
+
+fn encode_with_offsets(ctx: &GpuContext) {
     let device = ctx.device();
     for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
         let (rows, vocab, stride, lead) = (13usize, 1001usize, 1037usize, 3usize);

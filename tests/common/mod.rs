@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use xent::reference::RefRow;
-use xent::{Dtype, GpuContext, RowLoss};
+use xent::{Dtype, GpuContext, Plan, Reduction, RowLoss};
 
 /// Absolute tolerance for f32 logits.
 pub const ATOL: f64 = 1e-6;
@@ -85,4 +85,36 @@ pub fn random_case(rows: usize, vocab: usize, seed: u64, scale: f32) -> (Vec<f32
     let x = (0..rows * vocab).map(|_| (rng.normal() as f32) * scale).collect();
     let t = (0..rows).map(|_| rng.below(vocab) as i64).collect();
     (x, t)
+}
+
+/// Every kernel layout worth testing: the planner's own choice, then each reduction with one
+/// row per workgroup, several rows per workgroup, and rows split over several workgroups.
+pub fn all_plans() -> Vec<Option<Plan>> {
+    let p = |reduction, rows_per_workgroup, split| Some(Plan { reduction, rows_per_workgroup, split });
+    vec![
+        None,
+        p(Reduction::Workgroup, 1, 1),
+        p(Reduction::Subgroup, 1, 1),
+        p(Reduction::Workgroup, 8, 1),
+        p(Reduction::Workgroup, 64, 1),
+        p(Reduction::Workgroup, 1, 3),
+        p(Reduction::Subgroup, 1, 5),
+        p(Reduction::Workgroup, 1, 64),
+        p(Reduction::Subgroup, 1, 256),
+    ]
+}
+
+/// One GPU context per entry of [`all_plans`], each forced to its plan.
+pub fn planned_gpus() -> &'static [(Option<Plan>, GpuContext)] {
+    static CTXS: OnceLock<Vec<(Option<Plan>, GpuContext)>> = OnceLock::new();
+    CTXS.get_or_init(|| {
+        all_plans()
+            .into_iter()
+            .filter_map(|plan| {
+                let mut ctx = new_gpu()?;
+                ctx.force_plan(plan);
+                Some((plan, ctx))
+            })
+            .collect()
+    })
 }
