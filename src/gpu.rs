@@ -12,6 +12,7 @@ use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::problem::{validate_targets, Dtype, Logits, Options, RowLoss, Targets, IGNORED_TARGET};
+use crate::stream::Stream;
 
 /// The WGSL sources, by name. A kernel module is the common part followed by one reduction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -618,75 +619,28 @@ impl GpuContext {
     }
 
     /// [`GpuContext::score`] with targets already in kernel form (see [`validate_targets`]).
+    /// Goes through a [`Stream`] so that upload, kernel and readback overlap.
     pub(crate) fn score_validated(&self, logits: Logits<'_>, targets: &[u32]) -> Result<Vec<RowLoss>> {
-        let rows = logits.rows() as u64;
-        let vocab = logits.vocab() as u64;
-        let mut out = vec![RowLoss { nll: 0.0, lse: 0.0, argmax: 0, flags: 0 }; logits.rows()];
-        if rows == 0 {
-            return Ok(out);
+        if logits.rows() == 0 {
+            return Ok(Vec::new());
         }
-        // Our own buffers start at offset 0, so the planner's alignment slack is spare here.
-        let chunk = self.rows_per_chunk(logits.dtype(), vocab, vocab)?.min(rows);
-        let rb = logits.row_bytes() as u64;
+        // Chunks of a quarter of the input (so that at least a few overlap), 8 to 64 MiB.
+        let chunk_bytes = (logits.bytes().len() as u64 / 4).clamp(8 << 20, 64 << 20);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
-        let logits_buf = self.buffer("xent logits", (chunk * rb).next_multiple_of(16).max(16), storage);
-        let targets_buf = self.buffer("xent targets", chunk * 4, storage);
-        let out_buf = self.buffer("xent output", chunk * ROW_LOSS_BYTES, storage | wgpu::BufferUsages::COPY_SRC);
-        let readback = self.buffer(
-            "xent readback",
-            chunk * ROW_LOSS_BYTES,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        );
-        // Poison: an unwritten result reads as NaN with every flag set, never as a plausible row.
-        let poison = vec![0xffu8; (chunk * ROW_LOSS_BYTES) as usize];
-
-        for r0 in (0..rows).step_by(chunk as usize) {
-            let n = chunk.min(rows - r0);
-            let bytes = logits.slice_rows(r0 as usize, (r0 + n) as usize).bytes();
-            write_padded(&self.queue, &logits_buf, bytes);
-            self.queue.write_buffer(&targets_buf, 0, bytemuck::cast_slice(&targets[r0 as usize..(r0 + n) as usize]));
-            self.queue.write_buffer(&out_buf, 0, &poison[..(n * ROW_LOSS_BYTES) as usize]);
-            let mut encoder =
-                self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("xent score") });
-            self.encode(
-                &mut encoder,
-                &EncodeJob {
-                    logits: &logits_buf,
-                    logits_offset: 0,
-                    dtype: logits.dtype(),
-                    row_stride: vocab,
-                    rows: n,
-                    vocab: vocab as u32,
-                    targets: &targets_buf,
-                    targets_offset: 0,
-                    ignore: Some(IGNORED_TARGET),
-                    output: &out_buf,
-                    output_offset: 0,
-                },
-            )?;
-            encoder.copy_buffer_to_buffer(&out_buf, 0, &readback, 0, n * ROW_LOSS_BYTES);
-            self.queue.submit([encoder.finish()]);
-            let dst = &mut out[r0 as usize..(r0 + n) as usize];
-            read_buffer(&self.device, &readback, n * ROW_LOSS_BYTES, bytemuck::cast_slice_mut(dst))?;
-        }
+        let result = (|| {
+            let mut stream = Stream::new(self, logits.dtype(), logits.vocab() as u32, chunk_bytes)?;
+            let mut out = stream.push(logits, targets)?;
+            out.extend(stream.finish()?);
+            Ok(out)
+        })();
         if let Some(e) = pollster::block_on(oom.pop()) {
             return Err(Error::Gpu(e.to_string()));
         }
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(e.to_string()));
         }
-        Ok(out)
-    }
-
-    fn buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
-        self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size,
-            usage,
-            mapped_at_creation: false,
-        })
+        result
     }
 }
 
@@ -727,19 +681,6 @@ fn check_region(what: &str, buffer: &wgpu::Buffer, end: u64) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// `write_buffer` needs a multiple of 4 bytes: the last partial word is padded with zeros.
-fn write_padded(queue: &wgpu::Queue, buffer: &wgpu::Buffer, bytes: &[u8]) {
-    let whole = bytes.len() / 4 * 4;
-    if whole > 0 {
-        queue.write_buffer(buffer, 0, &bytes[..whole]);
-    }
-    if whole < bytes.len() {
-        let mut tail = [0u8; 4];
-        tail[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
-        queue.write_buffer(buffer, whole as u64, &tail);
-    }
 }
 
 /// The one readback helper: map, one poll, copy out, unmap.

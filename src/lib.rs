@@ -58,12 +58,14 @@ mod gpu;
 pub mod io;
 mod problem;
 pub mod reference;
+mod stream;
 mod summary;
 pub mod synth;
 
 pub use error::{Error, Result};
 pub use gpu::{read_buffer, EncodeJob, GpuContext, Plan, Reduction, ROW_LOSS_BYTES};
 pub use problem::{validate_targets, Dtype, Logits, Options, RowLoss, Targets, IGNORED_TARGET};
+pub use stream::{Stream, RING};
 pub use summary::Summary;
 
 /// The README's examples, compiled and run as doctests.

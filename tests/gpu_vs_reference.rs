@@ -436,3 +436,39 @@ fn encode_rejects_bad_regions() {
         Err(xent::Error::Buffer(_))
     ));
 }
+
+/// A stream with many more chunks than its ring holds, fed in pieces of uneven sizes that do not
+/// line up with chunks, for every dtype: results come back complete and in order.
+#[test]
+fn stream_with_more_chunks_than_the_ring() {
+    let Some(ctx) = gpu() else { return };
+    let (rows, vocab) = (203usize, 1000usize);
+    let (x, mut t) = random_case(rows, vocab, 21, 3.0);
+    t[100] = -100;
+    let opts = Options::default();
+    for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+        let bytes = to_bytes(&x, dtype);
+        let logits = Logits::from_bytes(&bytes, dtype, rows, vocab).unwrap();
+        let targets = xent::validate_targets(Targets::I64(&t), rows, vocab, &opts).unwrap();
+        // About 3 rows per chunk: ~70 chunks through a ring of 3.
+        let mut stream = xent::Stream::new(ctx, dtype, vocab as u32, (3 * vocab * dtype.size()) as u64).unwrap();
+        assert!(rows as u64 / stream.chunk_rows() > 10 * xent::RING as u64);
+        let mut got = Vec::new();
+        let mut r0 = 0;
+        let mut piece = 1;
+        while r0 < rows {
+            let r1 = (r0 + piece).min(rows);
+            got.extend(stream.push(logits.slice_rows(r0, r1), &targets[r0..r1]).unwrap());
+            r0 = r1;
+            piece = piece % 17 + 4;
+        }
+        got.extend(stream.finish().unwrap());
+        let want = xent::reference::score(logits, Targets::I64(&t), &opts).unwrap();
+        check_rows(&got, &want, ATOL, RTOL).unwrap_or_else(|m| panic!("{dtype}: {m}"));
+    }
+    // Pieces of another layout are refused.
+    let mut stream = xent::Stream::new(ctx, Dtype::F32, 10, 1 << 20).unwrap();
+    let other = vec![0f32; 22];
+    assert!(stream.push(Logits::f32(&other, 11).unwrap(), &[0, 0]).is_err());
+    assert!(stream.push(Logits::f32(&other[..20], 10).unwrap(), &[0]).is_err());
+}
