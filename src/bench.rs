@@ -1,23 +1,31 @@
-//! Measuring the kernel on data already resident on the device, the way an engine calls it.
+//! Measurement helpers shared by `xent bench` and the criterion benches: the kernel on resident
+//! data (rotated over several copies so caches do not flatter), the copy ceiling of the same
+//! adapter, an empty dispatch's round trip, the unfused baseline, upload alone, and the CPU's
+//! memory read bandwidth.
+
+use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::gpu::{read_buffer, EncodeJob, GpuContext, ROW_LOSS_BYTES};
-use crate::problem::{Logits, RowLoss, IGNORED_TARGET};
+use crate::problem::{Dtype, Logits, RowLoss, IGNORED_TARGET};
 
-/// Logits, targets and outputs uploaded once, ready to be scored again and again.
-#[derive(Debug)]
-pub struct Resident<'c> {
-    ctx: &'c GpuContext,
-    logits: wgpu::Buffer,
-    targets: wgpu::Buffer,
-    output: wgpu::Buffer,
-    readback: wgpu::Buffer,
-    rows: u64,
-    vocab: u32,
-    dtype: crate::Dtype,
-    timer: Option<Timer>,
+/// One timed run.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Seconds from submit to the device being idle again, measured on the host.
+    pub wall: f64,
+    /// Seconds between the start and end timestamps on the device, when it has them.
+    pub device: Option<f64>,
 }
 
+impl Timing {
+    /// Device time when known, else wall time.
+    pub fn best(&self) -> f64 {
+        self.device.unwrap_or(self.wall)
+    }
+}
+
+/// Two timestamp queries and the buffers to read them.
 #[derive(Debug)]
 struct Timer {
     queries: wgpu::QuerySet,
@@ -25,79 +33,143 @@ struct Timer {
     read: wgpu::Buffer,
 }
 
-/// One timed run.
-#[derive(Debug, Clone, Copy)]
-pub struct Timing {
-    /// Seconds from submit to the device being idle again, measured on the host.
-    pub wall: f64,
-    /// Seconds between the compute pass's start and end timestamps, when the device has them.
-    pub kernel: Option<f64>,
-}
-
-impl<'c> Resident<'c> {
-    /// Uploads `logits` and validated `targets` (see [`crate::validate_targets`]) to the device.
-    ///
-    /// # Errors
-    /// [`Error::Shape`] when the logits exceed the device's largest buffer; [`Error::Gpu`] on a device error.
-    pub fn new(ctx: &'c GpuContext, logits: Logits<'_>, targets: &[u32]) -> Result<Self> {
+impl Timer {
+    fn new(ctx: &GpuContext) -> Option<Timer> {
         let device = ctx.device();
-        let bytes = logits.bytes();
-        let size = (bytes.len() as u64).next_multiple_of(4).max(4);
-        if size > device.limits().max_buffer_size {
-            return Err(Error::Shape(format!(
-                "{size} bytes of logits exceed this device's largest buffer ({} bytes)",
-                device.limits().max_buffer_size
-            )));
-        }
-        let make = |label, size: u64, usage| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: size.max(16),
-                usage,
-                mapped_at_creation: false,
-            })
-        };
-        use wgpu::BufferUsages as U;
-        let rows = logits.rows() as u64;
-        let buf = make("xent resident logits", size, U::STORAGE | U::COPY_DST);
-        // Upload in pieces so the staging memory stays bounded.
-        const PIECE: usize = 64 << 20;
-        for (i, piece) in bytes.chunks(PIECE).enumerate() {
-            let mut padded;
-            let data = if piece.len() % 4 == 0 {
-                piece
-            } else {
-                padded = piece.to_vec();
-                padded.resize(piece.len().next_multiple_of(4), 0);
-                &padded[..]
-            };
-            ctx.queue().write_buffer(&buf, (i * PIECE) as u64, data);
-            ctx.queue().submit([]);
-        }
-        let targets_buf = make("xent resident targets", rows * 4, U::STORAGE | U::COPY_DST);
-        ctx.queue().write_buffer(&targets_buf, 0, bytemuck::cast_slice(targets));
-        let output = make("xent resident output", rows * ROW_LOSS_BYTES, U::STORAGE | U::COPY_SRC);
-        let readback = make("xent resident readback", rows * ROW_LOSS_BYTES, U::MAP_READ | U::COPY_DST);
-        let timer = device.features().contains(wgpu::Features::TIMESTAMP_QUERY).then(|| Timer {
+        device.features().contains(wgpu::Features::TIMESTAMP_QUERY).then(|| Timer {
             queries: device.create_query_set(&wgpu::QuerySetDescriptor {
                 label: Some("xent timestamps"),
                 ty: wgpu::QueryType::Timestamp,
                 count: 2,
             }),
-            resolve: make("xent timestamp resolve", 16, U::QUERY_RESOLVE | U::COPY_SRC),
-            read: make("xent timestamp read", 16, U::MAP_READ | U::COPY_DST),
-        });
+            resolve: buffer(
+                ctx,
+                "xent timestamp resolve",
+                16,
+                wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            ),
+            read: buffer(ctx, "xent timestamp read", 16, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
+        })
+    }
+
+    fn pass_writes(&self) -> wgpu::ComputePassTimestampWrites<'_> {
+        wgpu::ComputePassTimestampWrites {
+            query_set: &self.queries,
+            beginning_of_pass_write_index: Some(0),
+            end_of_pass_write_index: Some(1),
+        }
+    }
+
+    fn resolve(&self, encoder: &mut wgpu::CommandEncoder) {
+        encoder.resolve_query_set(&self.queries, 0..2, &self.resolve, 0);
+        encoder.copy_buffer_to_buffer(&self.resolve, 0, &self.read, 0, 16);
+    }
+
+    fn seconds(&self, ctx: &GpuContext) -> Result<f64> {
+        let mut ticks = [0u64; 2];
+        read_buffer(ctx.device(), &self.read, 16, bytemuck::cast_slice_mut(&mut ticks))?;
+        let period = f64::from(ctx.queue().get_timestamp_period());
+        Ok(ticks[1].saturating_sub(ticks[0]) as f64 * period * 1e-9)
+    }
+}
+
+fn entry(binding: u32, buf: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+    wgpu::BindGroupEntry { binding, resource: buf.as_entire_binding() }
+}
+
+fn buffer(ctx: &GpuContext, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: size.next_multiple_of(16).max(16),
+        usage,
+        mapped_at_creation: false,
+    })
+}
+
+/// Submits `encoder` and waits for the device to be idle; returns the wall time.
+fn submit_wait(ctx: &GpuContext, encoder: wgpu::CommandEncoder) -> Result<f64> {
+    let start = Instant::now();
+    ctx.queue().submit([encoder.finish()]);
+    ctx.device().poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Uploads `bytes` into a new storage buffer in 64 MiB pieces (bounded staging memory).
+fn upload(ctx: &GpuContext, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
+    let size = (bytes.len() as u64).next_multiple_of(16).max(16);
+    if size > ctx.device().limits().max_buffer_size {
+        return Err(Error::Shape(format!(
+            "{size} bytes exceed this device's largest buffer ({} bytes)",
+            ctx.device().limits().max_buffer_size
+        )));
+    }
+    let buf = buffer(ctx, label, size, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST);
+    const PIECE: usize = 64 << 20;
+    for (i, piece) in bytes.chunks(PIECE).enumerate() {
+        let mut padded = piece.to_vec();
+        padded.resize(piece.len().next_multiple_of(4), 0);
+        ctx.queue().write_buffer(&buf, (i * PIECE) as u64, &padded);
+        ctx.queue().submit([]);
+    }
+    ctx.device().poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
+    Ok(buf)
+}
+
+/// Logits, targets and outputs uploaded once, ready to be scored again and again — the way an
+/// engine calls [`GpuContext::encode`]. Several copies of the logits can be kept and rotated so
+/// that each run reads memory, not a cache still warm from the previous run.
+#[derive(Debug)]
+pub struct Resident<'c> {
+    ctx: &'c GpuContext,
+    copies: Vec<wgpu::Buffer>,
+    next: std::cell::Cell<usize>,
+    targets: wgpu::Buffer,
+    output: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    rows: u64,
+    vocab: u32,
+    dtype: Dtype,
+    timer: Option<Timer>,
+}
+
+impl<'c> Resident<'c> {
+    /// Uploads `logits` and validated `targets` (see [`crate::validate_targets`]) once.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when the logits exceed the device's largest buffer; [`Error::Gpu`] on a device error.
+    pub fn new(ctx: &'c GpuContext, logits: Logits<'_>, targets: &[u32]) -> Result<Self> {
+        Self::rotating(ctx, logits, targets, 0)
+    }
+
+    /// Like [`Resident::new`], with enough copies of the logits (at most 16) that they total at
+    /// least `min_total_bytes`; runs cycle through the copies.
+    ///
+    /// # Errors
+    /// As [`Resident::new`].
+    pub fn rotating(ctx: &'c GpuContext, logits: Logits<'_>, targets: &[u32], min_total_bytes: u64) -> Result<Self> {
+        let bytes = (logits.bytes().len() as u64).max(1);
+        let n = min_total_bytes.div_ceil(bytes).clamp(1, 16);
+        let copies = (0..n).map(|_| upload(ctx, "xent resident logits", logits.bytes())).collect::<Result<Vec<_>>>()?;
+        let rows = logits.rows() as u64;
+        use wgpu::BufferUsages as U;
+        let targets_buf = upload(ctx, "xent resident targets", bytemuck::cast_slice(targets))?;
         Ok(Resident {
             ctx,
-            logits: buf,
+            copies,
+            next: std::cell::Cell::new(0),
             targets: targets_buf,
-            output,
-            readback,
+            output: buffer(ctx, "xent resident output", rows * ROW_LOSS_BYTES, U::STORAGE | U::COPY_SRC),
+            readback: buffer(ctx, "xent resident readback", rows * ROW_LOSS_BYTES, U::MAP_READ | U::COPY_DST),
             rows,
             vocab: logits.vocab() as u32,
             dtype: logits.dtype(),
-            timer,
+            timer: Timer::new(ctx),
         })
+    }
+
+    /// Copies of the logits being rotated.
+    pub fn copies(&self) -> usize {
+        self.copies.len()
     }
 
     /// Bytes of logits one run reads.
@@ -105,9 +177,15 @@ impl<'c> Resident<'c> {
         self.rows * u64::from(self.vocab) * self.dtype.size() as u64
     }
 
-    fn job(&self) -> EncodeJob<'_> {
-        EncodeJob {
-            logits: &self.logits,
+    /// Runs the kernel once, over the next copy, and waits for it.
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] on a device error.
+    pub fn run(&self) -> Result<Timing> {
+        let i = self.next.get();
+        self.next.set((i + 1) % self.copies.len());
+        let job = EncodeJob {
+            logits: &self.copies[i],
             logits_offset: 0,
             dtype: self.dtype,
             row_stride: u64::from(self.vocab),
@@ -118,40 +196,15 @@ impl<'c> Resident<'c> {
             ignore: Some(IGNORED_TARGET),
             output: &self.output,
             output_offset: 0,
-        }
-    }
-
-    /// Runs the kernel once and waits for it.
-    ///
-    /// # Errors
-    /// [`Error::Gpu`] on a device error.
-    pub fn run(&self) -> Result<Timing> {
-        let device = self.ctx.device();
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("xent bench") });
-        let writes = self.timer.as_ref().map(|t| wgpu::ComputePassTimestampWrites {
-            query_set: &t.queries,
-            beginning_of_pass_write_index: Some(0),
-            end_of_pass_write_index: Some(1),
-        });
-        self.ctx.encode_timed(&mut encoder, &self.job(), writes)?;
-        if let Some(t) = &self.timer {
-            encoder.resolve_query_set(&t.queries, 0..2, &t.resolve, 0);
-            encoder.copy_buffer_to_buffer(&t.resolve, 0, &t.read, 0, 16);
-        }
-        let start = std::time::Instant::now();
-        self.ctx.queue().submit([encoder.finish()]);
-        device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
-        let wall = start.elapsed().as_secs_f64();
-        let kernel = match &self.timer {
-            Some(t) => {
-                let mut ticks = [0u64; 2];
-                read_buffer(device, &t.read, 16, bytemuck::cast_slice_mut(&mut ticks))?;
-                let period = f64::from(self.ctx.queue().get_timestamp_period());
-                Some(ticks[1].saturating_sub(ticks[0]) as f64 * period * 1e-9)
-            }
-            None => None,
         };
-        Ok(Timing { wall, kernel })
+        let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
+        self.ctx.encode_timed(&mut encoder, &job, self.timer.as_ref().map(Timer::pass_writes))?;
+        if let Some(t) = &self.timer {
+            t.resolve(&mut encoder);
+        }
+        let wall = submit_wait(self.ctx, encoder)?;
+        let device = self.timer.as_ref().map(|t| t.seconds(self.ctx)).transpose()?;
+        Ok(Timing { wall, device })
     }
 
     /// Reads back the results of the last run.
@@ -171,7 +224,222 @@ impl<'c> Resident<'c> {
     }
 }
 
-/// Median of a non-empty list of seconds (NaN when empty).
+/// The adapter's memory ceiling: a device-to-device copy of `bytes`, in bytes moved (read plus
+/// written) per second — timestamps inside the encoder when the device has them, else wall time.
+///
+/// # Errors
+/// [`Error::Gpu`] on a device error.
+pub fn copy_ceiling(ctx: &GpuContext, bytes: u64, iters: usize) -> Result<f64> {
+    let bytes = bytes.min(ctx.device().limits().max_buffer_size / 16 * 16).max(16);
+    use wgpu::BufferUsages as U;
+    let src = buffer(ctx, "xent ceiling src", bytes, U::COPY_SRC);
+    let dst = buffer(ctx, "xent ceiling dst", bytes, U::COPY_DST);
+    let inside = ctx.device().features().contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
+    let timer = if inside { Timer::new(ctx) } else { None };
+    let mut times = Vec::new();
+    for i in 0..=iters.max(1) {
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        if let Some(t) = &timer {
+            encoder.write_timestamp(&t.queries, 0);
+        }
+        encoder.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+        if let Some(t) = &timer {
+            encoder.write_timestamp(&t.queries, 1);
+            t.resolve(&mut encoder);
+        }
+        let wall = submit_wait(ctx, encoder)?;
+        let secs = match &timer {
+            Some(t) => t.seconds(ctx)?,
+            None => wall,
+        };
+        if i > 0 {
+            times.push(secs); // the first run is warm-up
+        }
+    }
+    Ok(2.0 * bytes as f64 / median(times))
+}
+
+/// Median wall time of submitting one empty workgroup and waiting for the device to be idle:
+/// the floor under any single dispatch's round trip.
+///
+/// # Errors
+/// [`Error::Gpu`] on a device error.
+pub fn empty_round_trip(ctx: &GpuContext, iters: usize) -> Result<f64> {
+    let pipeline = ctx.auxiliary_pipeline("xent empty", "@compute @workgroup_size(1) fn main() {}", "main");
+    let mut times = Vec::new();
+    for i in 0..=iters.max(1) {
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            pass.dispatch_workgroups(1, 1, 1);
+        }
+        let wall = submit_wait(ctx, encoder)?;
+        if i > 0 {
+            times.push(wall);
+        }
+    }
+    Ok(median(times))
+}
+
+/// The unfused baseline on resident f32 logits: log-softmax written to a `[rows, vocab]` buffer,
+/// then a gather (`shaders/unfused.wgsl`).
+#[derive(Debug)]
+pub struct Unfused<'c> {
+    ctx: &'c GpuContext,
+    softmax: wgpu::ComputePipeline,
+    gather: wgpu::ComputePipeline,
+    softmax_group: wgpu::BindGroup,
+    gather_group: wgpu::BindGroup,
+    nll: wgpu::Buffer,
+    read: wgpu::Buffer,
+    rows: u32,
+    timer: Option<Timer>,
+}
+
+impl<'c> Unfused<'c> {
+    /// Uploads f32 `logits` and validated `targets`; allocates the `[rows, vocab]` log-probabilities.
+    ///
+    /// # Errors
+    /// [`Error::Dtype`] for logits other than f32; [`Error::Shape`] when the logits or the
+    /// log-probabilities exceed one binding (the baseline does not chunk).
+    pub fn new(ctx: &'c GpuContext, logits: Logits<'_>, targets: &[u32]) -> Result<Self> {
+        if logits.dtype() != Dtype::F32 {
+            return Err(Error::Dtype {
+                dtype: logits.dtype().to_string(),
+                expected: "the unfused baseline is f32 only".into(),
+            });
+        }
+        let bytes = logits.bytes().len() as u64;
+        if bytes > ctx.max_binding_bytes() || logits.rows() > 65_535 * 65_535 {
+            return Err(Error::Shape(format!("the unfused baseline needs {bytes} bytes in one binding")));
+        }
+        const SOURCE: &str = include_str!("../shaders/unfused.wgsl");
+        let softmax = ctx.auxiliary_pipeline("xent unfused log_softmax", SOURCE, "log_softmax");
+        let gather = ctx.auxiliary_pipeline("xent unfused gather", SOURCE, "gather");
+        use wgpu::BufferUsages as U;
+        let rows = logits.rows() as u32;
+        let params = [rows, logits.vocab() as u32, 0, 0];
+        let params = {
+            let b = buffer(ctx, "xent unfused params", 16, U::UNIFORM | U::COPY_DST);
+            ctx.queue().write_buffer(&b, 0, bytemuck::cast_slice(&params));
+            b
+        };
+        let x = upload(ctx, "xent unfused logits", logits.bytes())?;
+        let logprobs = buffer(ctx, "xent unfused logprobs", bytes, U::STORAGE);
+        let t = upload(ctx, "xent unfused targets", bytemuck::cast_slice(targets))?;
+        let nll = buffer(ctx, "xent unfused nll", u64::from(rows) * 4, U::STORAGE | U::COPY_SRC);
+        let read = buffer(ctx, "xent unfused read", u64::from(rows) * 4, U::MAP_READ | U::COPY_DST);
+        let softmax_group = ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("xent unfused log_softmax"),
+            layout: &softmax.get_bind_group_layout(0),
+            entries: &[entry(0, &params), entry(1, &x), entry(2, &logprobs)],
+        });
+        let gather_group = ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("xent unfused gather"),
+            layout: &gather.get_bind_group_layout(0),
+            entries: &[entry(0, &params), entry(2, &logprobs), entry(3, &t), entry(4, &nll)],
+        });
+        Ok(Unfused { ctx, softmax, gather, softmax_group, gather_group, nll, read, rows, timer: Timer::new(ctx) })
+    }
+
+    /// Runs log-softmax then gather once (one pass, two dispatches) and waits.
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] on a device error.
+    pub fn run(&self) -> Result<Timing> {
+        let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("xent unfused"),
+                timestamp_writes: self.timer.as_ref().map(Timer::pass_writes),
+            });
+            let gx = self.rows.clamp(1, 65_535);
+            pass.set_pipeline(&self.softmax);
+            pass.set_bind_group(0, &self.softmax_group, &[]);
+            pass.dispatch_workgroups(gx, self.rows.div_ceil(gx), 1);
+            pass.set_pipeline(&self.gather);
+            pass.set_bind_group(0, &self.gather_group, &[]);
+            pass.dispatch_workgroups(self.rows.div_ceil(64), 1, 1);
+        }
+        if let Some(t) = &self.timer {
+            t.resolve(&mut encoder);
+        }
+        let wall = submit_wait(self.ctx, encoder)?;
+        let device = self.timer.as_ref().map(|t| t.seconds(self.ctx)).transpose()?;
+        Ok(Timing { wall, device })
+    }
+
+    /// The per-row nll of the last run.
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] on a device error.
+    pub fn results(&self) -> Result<Vec<f32>> {
+        let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(&self.nll, 0, &self.read, 0, u64::from(self.rows) * 4);
+        self.ctx.queue().submit([encoder.finish()]);
+        let mut out = vec![0f32; self.rows as usize];
+        read_buffer(self.ctx.device(), &self.read, u64::from(self.rows) * 4, bytemuck::cast_slice_mut(&mut out))?;
+        Ok(out)
+    }
+}
+
+/// Wall time to move `logits` host-to-device through the same chunking as [`crate::Stream`]
+/// (`write_buffer` into a ring of [`crate::RING`] buffers), with no kernel: the upload-alone
+/// time that streaming's overlap is judged against.
+///
+/// # Errors
+/// [`Error::Gpu`] on a device error.
+pub fn upload_alone(ctx: &GpuContext, logits: Logits<'_>, chunk_bytes: u64) -> Result<f64> {
+    let rb = logits.row_bytes() as u64;
+    let chunk_rows = ctx
+        .rows_per_chunk(logits.dtype(), logits.vocab() as u64, logits.vocab() as u64)?
+        .min((chunk_bytes / rb).max(1));
+    let ring: Vec<wgpu::Buffer> = (0..crate::RING)
+        .map(|_| {
+            buffer(ctx, "xent upload ring", chunk_rows * rb, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST)
+        })
+        .collect();
+    let start = Instant::now();
+    let mut pending: std::collections::VecDeque<wgpu::SubmissionIndex> = Default::default();
+    for (k, r0) in (0..logits.rows() as u64).step_by(chunk_rows as usize).enumerate() {
+        let n = chunk_rows.min(logits.rows() as u64 - r0);
+        if pending.len() == crate::RING {
+            let idx = pending.pop_front().expect("non-empty");
+            ctx.device()
+                .poll(wgpu::PollType::Wait { submission_index: Some(idx), timeout: None })
+                .map_err(|e| Error::Gpu(e.to_string()))?;
+        }
+        crate::stream::write_padded(
+            ctx.queue(),
+            &ring[k % crate::RING],
+            logits.slice_rows(r0 as usize, (r0 + n) as usize).bytes(),
+        );
+        pending.push_back(ctx.queue().submit([]));
+    }
+    ctx.device().poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// The CPU's memory read bandwidth in bytes per second: every thread summing its share of a
+/// buffer of `bytes` (larger than the caches), median of `iters` after a warm-up.
+pub fn cpu_read_bandwidth(bytes: usize, iters: usize) -> f64 {
+    use rayon::prelude::*;
+    let words = vec![1u64; bytes / 8];
+    let mut times = Vec::new();
+    for i in 0..=iters.max(1) {
+        let start = Instant::now();
+        let sum: u64 = words.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b))).sum();
+        let secs = start.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        if i > 0 {
+            times.push(secs);
+        }
+    }
+    (words.len() * 8) as f64 / median(times)
+}
+
+/// Median of a list (NaN when empty).
 pub fn median(mut xs: Vec<f64>) -> f64 {
     if xs.is_empty() {
         return f64::NAN;

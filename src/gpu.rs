@@ -222,7 +222,9 @@ impl GpuContext {
                 .await
                 .map_err(|e| Error::NoAdapter(e.to_string()))?,
         };
-        let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP;
+        let wanted = wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+            | wgpu::Features::SUBGROUP;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("xent"),
@@ -319,6 +321,22 @@ impl GpuContext {
     pub fn set_max_binding_bytes(&mut self, bytes: u64) {
         let limit = self.device.limits().max_storage_buffer_binding_size.min(u64::from(u32::MAX));
         self.max_binding = bytes.min(limit).max(1024);
+    }
+
+    /// A pipeline from a standalone WGSL module with an automatic layout (benchmark baselines).
+    pub(crate) fn auxiliary_pipeline(&self, label: &str, source: &str, entry: &str) -> wgpu::ComputePipeline {
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(label),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(label),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: Default::default(),
+            cache: None,
+        })
     }
 
     /// Makes every later job use `plan` (or, with `None`, the planner's choice again).

@@ -95,21 +95,24 @@ struct ScoreArgs {
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// Rows of generated logits.
-    #[arg(long, default_value_t = 256)]
-    rows: usize,
-    /// Vocabulary size.
-    #[arg(long, default_value_t = 128_256)]
-    vocab: usize,
-    /// Logits dtype.
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: DtypeArg,
+    /// Rows of generated logits (a comma-separated list for a table).
+    #[arg(long, value_delimiter = ',', default_value = "1,256")]
+    rows: Vec<usize>,
+    /// Vocabulary sizes (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "128256")]
+    vocab: Vec<usize>,
+    /// Logits dtypes (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "f32,bf16")]
+    dtype: Vec<DtypeArg>,
     /// Which paths to time.
     #[arg(long, value_enum, default_value = "all")]
     device: BenchDevice,
     /// Timed runs per path (the median is reported).
     #[arg(long, default_value_t = 10)]
     iters: usize,
+    /// Also time the single-threaded f64 reference (slow).
+    #[arg(long)]
+    reference: bool,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -302,90 +305,191 @@ fn time<T>(iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
     Ok(xent::bench::median(times))
 }
 
+/// One measured path of one case.
 struct BenchRow {
-    path: String,
+    rows: usize,
+    vocab: usize,
+    dtype: Dtype,
+    path: &'static str,
+    plan: String,
     seconds: f64,
+    bytes: u64,
+    /// Which ceiling the percentage is of: the GPU copy or the CPU read bandwidth.
+    gpu: bool,
+}
+
+/// Adapter-wide figures measured once per run.
+struct Ceilings {
+    adapter: String,
+    gpu_copy: f64,
+    empty_round_trip: f64,
+    cpu_read: f64,
 }
 
 fn bench(a: &BenchArgs) -> Result<()> {
-    if a.vocab == 0 {
+    if a.vocab.contains(&0) {
         bail!("--vocab must be at least 1");
     }
-    let dtype: Dtype = a.dtype.into();
-    let (x, t) = xent::synth::eval_set(a.rows, a.vocab, 7, -100);
-    let bytes = to_bytes(&x, dtype);
-    drop(x);
-    let logits = Logits::from_bytes(&bytes, dtype, a.rows, a.vocab)?;
-    let opts = Options::default();
-    let targets = xent::validate_targets(Targets::I64(&t), a.rows, a.vocab, &opts)?;
-    let gb = bytes.len() as f64 / 1e9;
-    let mut out = Vec::new();
     let want_gpu = matches!(a.device, BenchDevice::Gpu | BenchDevice::All | BenchDevice::Auto);
-    let want_cpu = matches!(a.device, BenchDevice::Cpu | BenchDevice::All)
-        || (a.device == BenchDevice::Auto && GpuContext::new().is_err());
-    let mut adapter = String::from("none");
-    if want_gpu {
-        let ctx = match GpuContext::new() {
+    let gpu = if want_gpu {
+        match GpuContext::new() {
             Ok(c) => Some(c),
             Err(e) if a.device == BenchDevice::Gpu => return Err(e.into()),
             Err(e) => {
-                eprintln!("xent: bench: {e}; skipping the GPU");
+                eprintln!("xent: bench: {e}; timing the CPU only");
                 None
             }
-        };
-        if let Some(ctx) = ctx {
-            adapter = ctx.adapter_info().name.clone();
-            let resident = xent::bench::Resident::new(&ctx, logits, &targets)?;
-            let mut kernel = Vec::new();
-            let mut wall = Vec::new();
-            resident.run()?;
-            for _ in 0..a.iters.max(1) {
-                let t = resident.run()?;
-                wall.push(t.wall);
-                kernel.extend(t.kernel);
-            }
-            if !kernel.is_empty() {
-                out.push(BenchRow { path: "gpu kernel (timestamps)".into(), seconds: xent::bench::median(kernel) });
-            }
-            out.push(BenchRow { path: "gpu kernel (submit to idle)".into(), seconds: xent::bench::median(wall) });
-            let e2e = time(a.iters, || Ok(ctx.score(logits, Targets::I64(&t), &opts)?))?;
-            out.push(BenchRow { path: "gpu end-to-end (upload, kernel, readback)".into(), seconds: e2e });
         }
-    }
-    if want_cpu {
-        let s = time(a.iters, || Ok(xent::cpu::score(logits, Targets::I64(&t), &opts)?))?;
-        out.push(BenchRow { path: format!("cpu fast ({} threads)", rayon::current_num_threads()), seconds: s });
-        let s = time(1, || Ok(xent::reference::score(logits, Targets::I64(&t), &opts)?))?;
-        out.push(BenchRow { path: "cpu reference (f64, 1 thread)".into(), seconds: s });
+    } else {
+        None
+    };
+    let want_cpu = matches!(a.device, BenchDevice::Cpu | BenchDevice::All) || gpu.is_none();
+    let largest = a.rows.iter().max().copied().unwrap_or(1) * a.vocab.iter().max().copied().unwrap_or(1) * 4;
+    // Ceilings: a copy of at least 256 MiB (several times any L2) and the CPU reading as much.
+    let probe = (largest as u64).clamp(256 << 20, 1 << 30);
+    let ceilings = Ceilings {
+        adapter: gpu.as_ref().map_or("none".into(), |g| g.adapter_info().name.clone()),
+        gpu_copy: gpu
+            .as_ref()
+            .map(|g| xent::bench::copy_ceiling(g, probe / 2, a.iters))
+            .transpose()?
+            .unwrap_or(f64::NAN),
+        empty_round_trip: gpu
+            .as_ref()
+            .map(|g| xent::bench::empty_round_trip(g, a.iters))
+            .transpose()?
+            .unwrap_or(f64::NAN),
+        cpu_read: if want_cpu { xent::bench::cpu_read_bandwidth(probe as usize, a.iters.min(5)) } else { f64::NAN },
+    };
+    let opts = Options::default();
+    let mut out = Vec::new();
+    for &dtype in &a.dtype {
+        let dtype: Dtype = dtype.into();
+        for &vocab in &a.vocab {
+            for &rows in &a.rows {
+                let (x, t) = xent::synth::eval_set(rows, vocab, 7, -100);
+                let bytes = to_bytes(&x, dtype);
+                drop(x);
+                let logits = Logits::from_bytes(&bytes, dtype, rows, vocab)?;
+                let targets = xent::validate_targets(Targets::I64(&t), rows, vocab, &opts)?;
+                let n = bytes.len() as u64;
+                let row = |path, plan: String, seconds, gpu| BenchRow {
+                    rows,
+                    vocab,
+                    dtype,
+                    path,
+                    plan,
+                    seconds,
+                    bytes: n,
+                    gpu,
+                };
+                if let Some(ctx) = &gpu {
+                    let plan = ctx.plan(rows as u64, vocab as u32).to_string();
+                    // Rotate copies totalling at least 256 MiB so each run reads memory, not cache.
+                    let resident = xent::bench::Resident::rotating(ctx, logits, &targets, 256 << 20)?;
+                    let kernel = time_gpu(a.iters, || resident.run())?;
+                    out.push(row("gpu fused kernel", plan.clone(), kernel.best(), true));
+                    out.push(row("gpu fused round trip", plan.clone(), kernel.wall, true));
+                    drop(resident);
+                    if let Ok(unfused) = xent::bench::Unfused::new(ctx, logits, &targets) {
+                        let t = time_gpu(a.iters, || unfused.run())?;
+                        out.push(row("gpu unfused baseline", "log_softmax + gather".into(), t.best(), true));
+                    }
+                    let chunk = (n / 4).clamp(8 << 20, 64 << 20);
+                    let upload = time(a.iters, || Ok(xent::bench::upload_alone(ctx, logits, chunk)?))?;
+                    out.push(row("gpu upload alone", format!("{chunk} B chunks"), upload, true));
+                    let e2e = time(a.iters, || Ok(ctx.score(logits, Targets::I64(&t), &opts)?))?;
+                    out.push(row("gpu end-to-end (streamed)", format!("ring of {}", xent::RING), e2e, true));
+                }
+                if want_cpu {
+                    let s = time(a.iters, || Ok(xent::cpu::score(logits, Targets::I64(&t), &opts)?))?;
+                    out.push(row("cpu fast", format!("{} threads", rayon::current_num_threads()), s, false));
+                    if a.reference {
+                        let s = time(1, || Ok(xent::reference::score(logits, Targets::I64(&t), &opts)?))?;
+                        out.push(row("cpu reference", "f64, 1 thread".into(), s, false));
+                    }
+                }
+            }
+        }
     }
     if a.json {
-        let rows: Vec<String> = out
-            .iter()
-            .map(|r| {
-                format!(
-                    "{{\"path\":\"{}\",\"ms\":{},\"gb_per_s\":{}}}",
-                    r.path,
-                    num(r.seconds * 1e3),
-                    num(gb / r.seconds)
-                )
-            })
-            .collect();
-        println!(
-            "{{\"rows\":{},\"vocab\":{},\"dtype\":\"{dtype}\",\"logits_bytes\":{},\"adapter\":\"{}\",\"results\":[{}]}}",
-            a.rows,
-            a.vocab,
-            bytes.len(),
-            adapter.replace('"', "'"),
-            rows.join(",")
-        );
+        println!("{}", bench_json(&ceilings, &out));
     } else {
-        println!("xent bench: {} x {} {dtype} ({:.1} MB of logits), adapter: {adapter}", a.rows, a.vocab, gb * 1e3);
-        println!("  {:<44} {:>10} {:>10}", "path", "ms", "GB/s");
-        for r in &out {
-            println!("  {:<44} {:>10.3} {:>10.2}", r.path, r.seconds * 1e3, gb / r.seconds);
-        }
+        print_bench(&ceilings, &out);
     }
     Ok(())
+}
+
+fn time_gpu(iters: usize, mut f: impl FnMut() -> xent::Result<xent::bench::Timing>) -> Result<xent::bench::Timing> {
+    f()?; // warm-up: pipelines compiled, buffers resident
+    let mut wall = Vec::new();
+    let mut device = Vec::new();
+    for _ in 0..iters.max(1) {
+        let t = f()?;
+        wall.push(t.wall);
+        device.extend(t.device);
+    }
+    let device = (!device.is_empty()).then(|| xent::bench::median(device));
+    Ok(xent::bench::Timing { wall: xent::bench::median(wall), device })
+}
+
+fn pct(r: &BenchRow, c: &Ceilings) -> f64 {
+    let ceiling = if r.gpu { c.gpu_copy } else { c.cpu_read };
+    100.0 * (r.bytes as f64 / r.seconds) / ceiling
+}
+
+fn print_bench(c: &Ceilings, rows: &[BenchRow]) {
+    println!("xent bench — adapter: {}", c.adapter);
+    println!(
+        "  gpu copy ceiling {:.2} GB/s (read + written); empty dispatch round trip {:.3} ms; cpu read {:.2} GB/s",
+        c.gpu_copy / 1e9,
+        c.empty_round_trip * 1e3,
+        c.cpu_read / 1e9
+    );
+    println!(
+        "  {:>6} {:>8} {:>5}  {:<26} {:<40} {:>10} {:>9} {:>7}",
+        "rows", "vocab", "dtype", "path", "plan", "ms", "GB/s", "% ceil"
+    );
+    for r in rows {
+        println!(
+            "  {:>6} {:>8} {:>5}  {:<26} {:<40} {:>10.3} {:>9.2} {:>6.1}%",
+            r.rows,
+            r.vocab,
+            r.dtype,
+            r.path,
+            r.plan,
+            r.seconds * 1e3,
+            r.bytes as f64 / r.seconds / 1e9,
+            pct(r, c)
+        );
+    }
+}
+
+fn bench_json(c: &Ceilings, rows: &[BenchRow]) -> String {
+    let results: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"rows\":{},\"vocab\":{},\"dtype\":\"{}\",\"path\":\"{}\",\"plan\":\"{}\",\"ms\":{},\"gb_per_s\":{},\"pct_of_ceiling\":{}}}",
+                r.rows,
+                r.vocab,
+                r.dtype,
+                r.path,
+                r.plan,
+                num(r.seconds * 1e3),
+                num(r.bytes as f64 / r.seconds / 1e9),
+                num(pct(r, c))
+            )
+        })
+        .collect();
+    format!(
+        "{{\"adapter\":\"{}\",\"gpu_copy_gb_per_s\":{},\"empty_round_trip_ms\":{},\"cpu_read_gb_per_s\":{},\"results\":[{}]}}",
+        c.adapter.replace('"', "'"),
+        num(c.gpu_copy / 1e9),
+        num(c.empty_round_trip * 1e3),
+        num(c.cpu_read / 1e9),
+        results.join(",")
+    )
 }
 
 fn info() -> Result<()> {
@@ -470,16 +574,14 @@ fn demo(a: &DemoArgs) -> Result<()> {
         if rows.iter().zip(&rows2).any(|(a, b)| a.nll.to_bits() != b.nll.to_bits()) {
             bail!("two GPU runs over the same input disagree");
         }
-        report(
-            &format!(
-                "gpu end-to-end ({} chunk{})",
-                (a.rows as u64).div_ceil(chunk),
-                if (a.rows as u64).div_ceil(chunk) == 1 { "" } else { "s" }
-            ),
-            gpu_s,
-            &rows2,
+        report("gpu end-to-end (streamed)", gpu_s, &rows2);
+        let bindings = (a.rows as u64).div_ceil(chunk);
+        println!(
+            "  adapter: {} ({:?}); at most {chunk} rows fit one storage binding: {bindings} binding{} needed",
+            ctx.adapter_info().name,
+            ctx.adapter_info().backend,
+            if bindings == 1 { "" } else { "s" }
         );
-        println!("  adapter: {} ({:?}); rows per chunk {chunk}", ctx.adapter_info().name, ctx.adapter_info().backend);
         let agree = Summary::of(&rows2);
         println!("  gpu perplexity {:.6} vs reference {:.6}", agree.perplexity(), summary.perplexity());
     }

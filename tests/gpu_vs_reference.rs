@@ -472,3 +472,32 @@ fn stream_with_more_chunks_than_the_ring() {
     assert!(stream.push(Logits::f32(&other, 11).unwrap(), &[0, 0]).is_err());
     assert!(stream.push(Logits::f32(&other[..20], 10).unwrap(), &[0]).is_err());
 }
+
+/// The benchmark helpers measure what they claim: the resident kernel and the unfused baseline
+/// both agree with the reference, so speed ratios compare equal work.
+#[test]
+fn bench_paths_agree_with_reference() {
+    let Some(ctx) = gpu() else { return };
+    let (rows, vocab) = (33usize, 5003usize);
+    let (x, t) = random_case(rows, vocab, 31, 3.0);
+    let logits = Logits::f32(&x, vocab).unwrap();
+    let opts = Options::default();
+    let targets = xent::validate_targets(Targets::I64(&t), rows, vocab, &opts).unwrap();
+    let want = xent::reference::score(logits, Targets::I64(&t), &opts).unwrap();
+    let resident = xent::bench::Resident::rotating(ctx, logits, &targets, 3 * x.len() as u64 * 4).unwrap();
+    assert_eq!(resident.copies(), 3);
+    for _ in 0..4 {
+        let timing = resident.run().unwrap();
+        assert!(timing.wall > 0.0);
+        check_rows(&resident.results().unwrap(), &want, ATOL, RTOL).unwrap();
+    }
+    let unfused = xent::bench::Unfused::new(ctx, logits, &targets).unwrap();
+    unfused.run().unwrap();
+    for (i, (g, w)) in unfused.results().unwrap().iter().zip(&want).enumerate() {
+        // The baseline computes lse - x_t directly: a little less precise than the fused kernel.
+        assert!(common::close(f64::from(*g), w.nll, 1e-5, 1e-5), "row {i}: {g} vs {}", w.nll);
+    }
+    assert!(xent::bench::copy_ceiling(ctx, 1 << 20, 2).unwrap() > 0.0);
+    assert!(xent::bench::empty_round_trip(ctx, 2).unwrap() > 0.0);
+    assert!(xent::bench::upload_alone(ctx, logits, 4096).unwrap() > 0.0);
+}
