@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""PyTorch peers for the GPU check: F.cross_entropy(reduction='none') eager and under
+torch.compile, timed with CUDA events (median of many after warm-up), on the shapes xent bench
+uses, plus torch's own copy ceiling and an agreement check against xent's per-token output.
+
+Runs on CUDA when present, else on the CPU (so the script can be tested anywhere).
+Usage: torch_gpu.py --shapes 8192x128256,1x256000 --dtypes f32,bf16 --out results.json
+                    [--agree LOGITS.npy TARGETS.npy XENT_NLL.npy]
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def timer(device):
+    """Returns a function timing fn() in seconds: CUDA events on a GPU, perf_counter on the CPU."""
+    if device.type == "cuda":
+        def run(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+    else:
+        def run(fn):
+            t = time.perf_counter()
+            fn()
+            return time.perf_counter() - t
+    return run
+
+
+def median_time(fn, device, warmup=3, iters=20):
+    run = timer(device)
+    for _ in range(warmup):
+        run(fn)
+    return statistics.median(run(fn) for _ in range(iters))
+
+
+def copy_ceiling(device, nbytes=1 << 30):
+    n = nbytes // 4
+    src = torch.empty(n, device=device)
+    dst = torch.empty(n, device=device)
+    secs = median_time(lambda: dst.copy_(src), device, iters=10)
+    return 2 * nbytes / secs
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="8192x128256")
+    p.add_argument("--dtypes", default="f32,f16,bf16")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--agree", nargs=3, metavar=("LOGITS", "TARGETS", "XENT_NLL"))
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    result = {"device": name, "torch": torch.__version__, "copy_gb_per_s": copy_ceiling(device) / 1e9, "results": []}
+    compiled = None
+    if not a.no_compile:
+        try:
+            compiled = torch.compile(lambda x, t: F.cross_entropy(x, t, reduction="none"))
+        except Exception as e:  # noqa: BLE001 - report and go on without it
+            print(f"torch.compile unavailable: {e}", file=sys.stderr)
+
+    for shape in a.shapes.split(","):
+        rows, vocab = map(int, shape.split("x"))
+        for dname in a.dtypes.split(","):
+            dtype = DTYPES[dname]
+            g = torch.Generator(device=device).manual_seed(0)
+            x = (torch.randn(rows, vocab, device=device, generator=g) * 2).to(dtype)
+            t = torch.randint(0, vocab, (rows,), device=device, generator=g)
+            nbytes = x.numel() * x.element_size()
+            for path, fn in [("torch eager", lambda: F.cross_entropy(x, t, reduction="none")),
+                             ("torch.compile", (lambda: compiled(x, t)) if compiled else None)]:
+                if fn is None:
+                    continue
+                try:
+                    secs = median_time(fn, device, iters=a.iters)
+                except Exception as e:  # noqa: BLE001
+                    print(f"{path} {shape} {dname}: {e}", file=sys.stderr)
+                    continue
+                result["results"].append({"rows": rows, "vocab": vocab, "dtype": dname, "path": path,
+                                          "ms": secs * 1e3, "gb_per_s": nbytes / secs / 1e9})
+            del x, t
+
+    if a.agree:
+        logits, targets, nll = (np.load(f) for f in a.agree)
+        x = torch.from_numpy(logits.astype(np.float64)).to(device)
+        t = torch.from_numpy(targets.astype(np.int64)).to(device)
+        ref = F.cross_entropy(x.reshape(-1, x.shape[-1]), t.reshape(-1), reduction="none", ignore_index=-100)
+        ours = torch.from_numpy(nll.astype(np.float64)).to(device)
+        diff = (ours - ref).abs()
+        rel = diff / ref.abs().clamp_min(1e-30)
+        result["agreement"] = {"rows": int(ref.numel()), "max_abs": float(diff.max()), "max_rel": float(rel.max()),
+                               "within_1e-6_2e-6": bool((diff <= 1e-6 + 2e-6 * ref.abs()).all())}
+
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
