@@ -483,7 +483,10 @@ impl GpuContext {
         if job.rows == 0 {
             return Ok(());
         }
-        if job.logits_offset % es != 0 || job.targets_offset % 4 != 0 || job.output_offset % ROW_LOSS_BYTES != 0 {
+        if !job.logits_offset.is_multiple_of(es)
+            || !job.targets_offset.is_multiple_of(4)
+            || !job.output_offset.is_multiple_of(ROW_LOSS_BYTES)
+        {
             return Err(Error::Buffer(
                 "logits_offset must be a multiple of the element size, targets_offset of 4, output_offset of 16".into(),
             ));

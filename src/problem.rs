@@ -159,7 +159,7 @@ fn rows_of(len: usize, vocab: usize) -> Result<usize> {
     if vocab == 0 {
         return Err(Error::Shape("vocab is 0: each row needs at least one logit".into()));
     }
-    if len % vocab != 0 {
+    if !len.is_multiple_of(vocab) {
         return Err(Error::Shape(format!("{len} logits is not a whole number of rows of {vocab}")));
     }
     Ok(len / vocab)
