@@ -1,6 +1,7 @@
 //! Criterion benches over (rows, vocab, dtype): the GPU kernel on resident data (timestamp
-//! queries when the adapter has them), GPU end-to-end from host memory, the fast CPU path and
-//! the CPU reference — in one group per shape, so each comparison is one run.
+//! queries when the adapter has them, inputs rotated over 256 MiB), the unfused baseline (f32),
+//! GPU end-to-end from host memory, the fast CPU path and the CPU reference — in one group per
+//! shape, so each comparison is one run.
 //!
 //! `cargo bench` — sizes are kept modest so that a software adapter (lavapipe) finishes.
 
@@ -33,7 +34,7 @@ fn forward(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(bytes.len() as u64));
         group.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
         if let Some(ctx) = &gpu {
-            let resident = xent::bench::Resident::new(ctx, logits, &targets).expect("upload");
+            let resident = xent::bench::Resident::rotating(ctx, logits, &targets, 256 << 20).expect("upload");
             group.bench_function(BenchmarkId::new("gpu_kernel", ""), |b| {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
@@ -44,6 +45,13 @@ fn forward(c: &mut Criterion) {
                     total
                 })
             });
+            if let Ok(unfused) = xent::bench::Unfused::new(ctx, logits, &targets) {
+                group.bench_function(BenchmarkId::new("gpu_unfused_baseline", ""), |b| {
+                    b.iter_custom(|iters| {
+                        (0..iters).map(|_| Duration::from_secs_f64(unfused.run().expect("run").best())).sum()
+                    })
+                });
+            }
             group.bench_function(BenchmarkId::new("gpu_end_to_end", ""), |b| {
                 b.iter(|| ctx.score(logits, Targets::I64(&t), &opts).expect("score"))
             });

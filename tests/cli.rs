@@ -291,7 +291,10 @@ fn info_bench_and_demo_run() {
     let o = run(&["bench", "--rows", "8", "--vocab", "1000", "--iters", "2", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let json = String::from_utf8(o.stdout).unwrap();
-    assert!(json.contains("\"gb_per_s\"") && json.contains("gpu fused kernel") && json.contains("pct_of_ceiling"), "{json}");
+    assert!(
+        json.contains("\"gb_per_s\"") && json.contains("gpu fused kernel") && json.contains("pct_of_ceiling"),
+        "{json}"
+    );
     let o = run(&["demo", "--rows", "40", "--vocab", "5000"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
