@@ -49,8 +49,13 @@ impl ElemType {
     }
 }
 
-/// A tensor read from a file: a memory map and where its data lies in it.
+/// A tensor in a file: where its data lies, its type and shape. Small tensors are read through a
+/// memory map ([`Tensor::bytes`]); large ones in chunks with [`Tensor::read_rows`], which keeps
+/// memory bounded and turns a file truncated or rewritten while being read into an error instead
+/// of a crash.
 pub struct Tensor {
+    file: std::fs::File,
+    stamp: Stamp,
     map: memmap2::Mmap,
     start: usize,
     end: usize,
@@ -72,10 +77,63 @@ impl std::fmt::Debug for Tensor {
     }
 }
 
+/// What identifies a file's contents cheaply: its length and modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl Stamp {
+    fn of(file: &std::fs::File) -> std::io::Result<Stamp> {
+        let m = file.metadata()?;
+        Ok(Stamp { len: m.len(), modified: m.modified().ok() })
+    }
+}
+
 impl Tensor {
-    /// The tensor's raw little-endian bytes.
+    /// The tensor's raw little-endian bytes, through the memory map. For large tensors prefer
+    /// [`Tensor::read_rows`]: pages touched here stay resident.
     pub fn bytes(&self) -> &[u8] {
         &self.map[self.start..self.end]
+    }
+
+    /// Bytes of data.
+    pub fn data_len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Reads bytes `[offset, offset + buf.len())` of the tensor's data into `buf` with positioned
+    /// reads (no memory map), checking first that the file has not changed since it was opened.
+    ///
+    /// # Errors
+    /// [`Error::File`] if the file changed (length or modification time) or was truncated;
+    /// [`Error::Io`] on a read error.
+    pub fn read_data(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        if offset + buf.len() > self.data_len() {
+            return Err(self.err(format!("read of {} bytes at {offset} is past the data", buf.len())));
+        }
+        self.check_unchanged()?;
+        let at = (self.start + offset) as u64;
+        read_exact_at(&self.file, buf, at).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                self.err("file was truncated while being read")
+            } else {
+                Error::Io { path: self.name.clone(), error: e }
+            }
+        })
+    }
+
+    /// Fails if the file's length or modification time differ from when it was opened.
+    ///
+    /// # Errors
+    /// [`Error::File`] naming the file.
+    pub fn check_unchanged(&self) -> Result<()> {
+        match Stamp::of(&self.file) {
+            Ok(now) if now == self.stamp => Ok(()),
+            Ok(_) => Err(self.err("file changed while being read (length or modification time)")),
+            Err(e) => Err(Error::Io { path: self.name.clone(), error: e }),
+        }
     }
 
     fn err(&self, reason: impl Into<String>) -> Error {
@@ -140,18 +198,63 @@ pub fn open(path: &Path, key: Option<&str>, default_keys: &[&str]) -> Result<Ten
     let display = path.display().to_string();
     let io = |error| Error::Io { path: display.clone(), error };
     let file = std::fs::File::open(path).map_err(io)?;
-    // SAFETY: the map is read-only. A file truncated by another process while mapped can
-    // fault; xent reads files it was given and does not modify them.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("npy") => open_npy(map, display),
-        Some("safetensors") => open_safetensors(map, display, key, default_keys),
-        _ => Err(Error::File { path: display, reason: "unknown extension: expected .npy or .safetensors".into() }),
+    if file.metadata().map_err(io)?.is_dir() {
+        return Err(Error::File { path: display, reason: "is a directory, not a tensor file".into() });
     }
+    let stamp = Stamp::of(&file).map_err(io)?;
+    // SAFETY: the map is read-only and is used for headers and small tensors; large tensors
+    // are read with `read_data`, which checks the file has not changed first.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    let parsed = match path.extension().and_then(|e| e.to_str()) {
+        Some("npy") => open_npy(&map, &display),
+        Some("safetensors") => open_safetensors(&map, &display, key, default_keys),
+        _ => Err(Error::File {
+            path: display.clone(),
+            reason: "unknown extension: expected .npy or .safetensors".into(),
+        }),
+    }?;
+    Ok(Tensor {
+        file,
+        stamp,
+        map,
+        start: parsed.start,
+        end: parsed.end,
+        elem: parsed.elem,
+        shape: parsed.shape,
+        name: parsed.name,
+    })
 }
 
-fn open_npy(map: memmap2::Mmap, path: String) -> Result<Tensor> {
-    let bad = |reason: String| Error::File { path: path.clone(), reason };
+/// Where a tensor lies in its file, as a header says.
+struct Parsed {
+    start: usize,
+    end: usize,
+    elem: ElemType,
+    shape: Vec<usize>,
+    name: String,
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, at)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &std::fs::File, mut buf: &mut [u8], mut at: u64) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match std::os::windows::fs::FileExt::seek_read(file, buf, at)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                buf = &mut buf[n..];
+                at += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn open_npy(map: &[u8], path: &str) -> Result<Parsed> {
+    let bad = |reason: String| Error::File { path: path.to_string(), reason };
     if map.len() < 10 || &map[..6] != b"\x93NUMPY" {
         return Err(bad("not a .npy file (bad magic)".into()));
     }
@@ -195,7 +298,7 @@ fn open_npy(map: memmap2::Mmap, path: String) -> Result<Tensor> {
             if have < want { " (truncated?)" } else { "" }
         )));
     }
-    Ok(Tensor { end: map.len(), map, start: data_start, elem, shape, name: path })
+    Ok(Parsed { end: map.len(), start: data_start, elem, shape, name: path.to_string() })
 }
 
 /// The text after `'key':` in a Python dict literal, trimmed at the start.
@@ -218,11 +321,11 @@ fn parse_shape(raw: &str) -> Option<Vec<usize>> {
     inner.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse().ok()).collect()
 }
 
-fn open_safetensors(map: memmap2::Mmap, path: String, key: Option<&str>, default_keys: &[&str]) -> Result<Tensor> {
-    let bad = |reason: String| Error::File { path: path.clone(), reason };
+fn open_safetensors(map: &[u8], path: &str, key: Option<&str>, default_keys: &[&str]) -> Result<Parsed> {
+    let bad = |reason: String| Error::File { path: path.to_string(), reason };
     // read_metadata rejects headers over 100 MB and headers longer than the file before
     // reading them, so an absurd header length costs nothing.
-    let (n, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| bad(format!("bad .safetensors: {e}")))?;
+    let (n, meta) = safetensors::SafeTensors::read_metadata(map).map_err(|e| bad(format!("bad .safetensors: {e}")))?;
     let names = meta.offset_keys();
     let name = match key {
         Some(k) => k.to_string(),
@@ -250,7 +353,7 @@ fn open_safetensors(map: memmap2::Mmap, path: String, key: Option<&str>, default
     };
     let start = 8 + n + info.data_offsets.0;
     let end = 8 + n + info.data_offsets.1;
-    Ok(Tensor { map, start, end, elem, shape: info.shape.clone(), name: format!("{path}: tensor '{name}'") })
+    Ok(Parsed { start, end, elem, shape: info.shape.clone(), name: format!("{path}: tensor '{name}'") })
 }
 
 /// Writes a little-endian `<f4` `.npy` file atomically.

@@ -54,6 +54,7 @@
 pub mod bench;
 pub mod cpu;
 mod error;
+pub mod eval;
 mod gpu;
 pub mod io;
 mod problem;

@@ -1,6 +1,7 @@
 //! `xent`: cross-entropy, perplexity and accuracy over `.npy` / `.safetensors` logits, on the GPU.
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -31,6 +32,8 @@ enum Command {
     Demo(DemoArgs),
     /// Write a generated evaluation set (Zipf-like logits, sampled targets) to files, in bounded memory.
     Gen(GenArgs),
+    /// Merge summaries of shards scored separately (`score --summary-out`): exactly the summary of one run.
+    Merge(MergeArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -68,29 +71,63 @@ impl From<DtypeArg> for Dtype {
 #[derive(clap::Args)]
 struct ScoreArgs {
     /// Logits: .npy (<f4, <f2) or .safetensors (F32, F16, BF16), shape [N, V] or [B, T, V].
-    #[arg(long)]
-    logits: PathBuf,
-    /// Targets: .npy (<i8, <i4, <u4) or .safetensors (I64, I32, U32), shape [N] or [B, T].
-    #[arg(long)]
-    targets: PathBuf,
+    /// Several files, a glob ("shards/*.npy") or a directory (its .npy/.safetensors files, sorted by name).
+    #[arg(long, required = true, num_args = 1..)]
+    logits: Vec<PathBuf>,
+    /// Targets: .npy (<i8, <i4, <u4) or .safetensors (I64, I32, U32), shape [N] or [B, T]; one per logits file, same order.
+    #[arg(long, required = true, num_args = 1..)]
+    targets: Vec<PathBuf>,
     /// Where to run: the GPU, the CPU, or the GPU when one exists (said on stderr).
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
     /// Target value whose rows are skipped (nll 0, not in the mean).
     #[arg(long, default_value_t = -100, allow_hyphen_values = true)]
     ignore_index: i64,
-    /// Write each row's nll (nats, 0.0 where ignored) as a <f4 .npy of shape [N].
+    /// Causal-LM convention: targets are the input ids; position t is scored against label t+1 and
+    /// the last position of each sequence is dropped.
+    #[arg(long)]
+    shift: bool,
+    /// Sequence boundaries over all rows (.npy or .safetensors integers [S+1], from 0 to N); by default
+    /// the rows of [B, T, V] logits are the sequences.
+    #[arg(long)]
+    offsets: Option<PathBuf>,
+    /// Write each scored row's nll (nats, 0.0 where ignored): .npy (<f4 [N]) or .safetensors (nll, lse, correct).
     #[arg(long)]
     per_token: Option<PathBuf>,
+    /// Write per-sequence results (tokens, sum of log-probabilities, is_greedy): .jsonl or .safetensors.
+    #[arg(long)]
+    per_sequence: Option<PathBuf>,
+    /// Write the summary with its exact sums, for `xent merge`.
+    #[arg(long)]
+    summary_out: Option<PathBuf>,
     /// Print one JSON object on stdout (human text goes to stderr).
     #[arg(long)]
     json: bool,
-    /// Tensor name of the logits in a .safetensors file (default: its only tensor, or "logits").
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Tensor name of the logits in .safetensors files (default: the only tensor, or "logits").
     #[arg(long)]
     logits_key: Option<String>,
-    /// Tensor name of the targets in a .safetensors file (default: its only tensor, or "targets"/"labels").
+    /// Tensor name of the targets in .safetensors files (default: the only tensor, or "targets"/"labels").
     #[arg(long)]
     targets_key: Option<String>,
+    /// MiB of logits per chunk read and scored at once.
+    #[arg(long, default_value_t = 64)]
+    chunk_mib: u64,
+}
+
+#[derive(clap::Args)]
+struct MergeArgs {
+    /// Summary files written by `xent score --summary-out`.
+    #[arg(required = true)]
+    summaries: Vec<PathBuf>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Write the merged summary (mergeable again).
+    #[arg(long)]
+    summary_out: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -161,6 +198,7 @@ fn main() -> ExitCode {
         Command::Info => info(),
         Command::Demo(a) => demo(&a),
         Command::Gen(a) => gen(&a),
+        Command::Merge(a) => merge(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -190,60 +228,262 @@ fn pick_device(device: DeviceArg) -> Result<Option<GpuContext>> {
 }
 
 fn score(a: &ScoreArgs) -> Result<()> {
+    let logits_paths = expand(&a.logits).context("--logits")?;
+    let targets_paths = expand(&a.targets).context("--targets")?;
+    if logits_paths.len() != targets_paths.len() {
+        bail!(
+            "{} logits file{} but {} targets file{}: give one targets file per logits file, in the same order",
+            logits_paths.len(),
+            if logits_paths.len() == 1 { "" } else { "s" },
+            targets_paths.len(),
+            if targets_paths.len() == 1 { "" } else { "s" }
+        );
+    }
+    for p in [&a.per_token, &a.per_sequence, &a.summary_out].into_iter().flatten() {
+        output_kind(p)?;
+    }
     let gpu = pick_device(a.device)?;
-    let opts = Options { ignore_index: a.ignore_index };
     // Timed from opening the inputs to the last result (device creation excluded, as documented).
     let start = Instant::now();
-    let lt = xent::io::open(&a.logits, a.logits_key.as_deref(), &["logits"])?;
-    let tt = xent::io::open(&a.targets, a.targets_key.as_deref(), &["targets", "labels"])?;
-    let logits = lt.logits()?;
-    let targets = tt.targets()?;
-    check_shapes(&lt, &tt, logits, targets)?;
-    let rows = run(gpu.as_ref(), logits, targets, &opts).map_err(|e| match e {
-        xent::Error::TargetOutOfRange { .. } | xent::Error::RowMismatch { .. } => anyhow!("{}: {e}", tt.name),
-        other => anyhow!(other),
-    })?;
-    let summary = Summary::of(&rows);
-    let seconds = start.elapsed().as_secs_f64();
-    if let Some(path) = &a.per_token {
-        let nll: Vec<f32> = rows.iter().map(|r| r.nll).collect();
-        xent::io::write_npy_f32(path, &nll)?;
+    let shards = logits_paths
+        .iter()
+        .zip(&targets_paths)
+        .map(|(l, t)| {
+            Ok(xent::eval::Shard {
+                logits: xent::io::open(l, a.logits_key.as_deref(), &["logits"])?,
+                targets: xent::io::open(t, a.targets_key.as_deref(), &["targets", "labels"])?,
+            })
+        })
+        .collect::<xent::Result<Vec<_>>>()?;
+    let layout = xent::eval::check_shards(&shards)?;
+    let offsets = a.offsets.as_deref().map(read_offsets).transpose()?;
+    if a.per_sequence.is_some() && offsets.is_none() && shards.iter().any(|s| s.logits.shape.len() != 3) {
+        bail!("--per-sequence needs [B, T, V] logits (one sequence per row of B) or --offsets");
     }
+    let opts = xent::eval::EvalOptions {
+        options: Options { ignore_index: a.ignore_index },
+        shift: a.shift,
+        offsets,
+        per_token: a.per_token.is_some(),
+        per_token_extra: a.per_token.as_deref().is_some_and(|p| output_kind(p).ok() == Some(Kind::Safetensors)),
+        per_sequence: a.per_sequence.is_some(),
+        chunk_bytes: a.chunk_mib.max(1) << 20,
+    };
+    let engine = match &gpu {
+        Some(ctx) => xent::eval::Engine::Gpu(ctx),
+        None => xent::eval::Engine::Cpu,
+    };
+    let bar = progress_bar(layout.bytes, !a.quiet && !a.json && std::io::stdout().is_terminal());
+    let mut rows_done = 0u64;
+    let mut progress = |rows: u64, bytes: u64| {
+        rows_done += rows;
+        bar.inc(bytes);
+        let secs = bar.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!("{:.0} tokens/s", rows_done as f64 / secs));
+    };
+    let result = xent::eval::evaluate(engine, &shards, &opts, &mut progress);
+    bar.finish_and_clear();
+    let result = result?;
+    let seconds = start.elapsed().as_secs_f64();
     let device = if gpu.is_some() { "gpu" } else { "cpu" };
-    let text = human_summary(&summary, device, seconds);
+    if let (Some(path), Some(pt)) = (&a.per_token, &result.per_token) {
+        write_per_token(path, pt)?;
+    }
+    if let (Some(path), Some(seqs)) = (&a.per_sequence, &result.per_sequence) {
+        write_per_sequence(path, seqs)?;
+    }
+    let json = json_summary(&result.summary, device, seconds);
+    if let Some(path) = &a.summary_out {
+        xent::io::write_atomic(path, format!("{json}\n").as_bytes())?;
+    }
+    let text = human_summary(&result.summary, device, seconds);
     if a.json {
         eprint!("{text}");
-        println!("{}", json_summary(&summary, device, seconds));
+        println!("{json}");
     } else {
         print!("{text}");
     }
     Ok(())
 }
 
-fn check_shapes(lt: &xent::io::Tensor, tt: &xent::io::Tensor, logits: Logits<'_>, targets: Targets<'_>) -> Result<()> {
-    let (ls, ts) = (&lt.shape, &tt.shape);
-    if logits.rows() != targets.len() || (ls.len() == 3 && ts.len() == 2 && ls[..2] != ts[..]) {
-        bail!(
-            "{} has shape {ls:?} ({} rows) but {} has shape {ts:?} ({} targets): they must agree",
-            lt.name,
-            logits.rows(),
-            tt.name,
-            targets.len()
-        );
+/// Output formats, by extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Npy,
+    Safetensors,
+    Jsonl,
+    Json,
+}
+
+fn output_kind(p: &Path) -> Result<Kind> {
+    match p.extension().and_then(|e| e.to_str()) {
+        Some("npy") => Ok(Kind::Npy),
+        Some("safetensors") => Ok(Kind::Safetensors),
+        Some("jsonl") => Ok(Kind::Jsonl),
+        Some("json") => Ok(Kind::Json),
+        _ => bail!("{}: unknown output extension (expected .npy, .safetensors, .jsonl or .json)", p.display()),
+    }
+}
+
+/// Paths, globs and directories to a sorted, non-empty list of files.
+fn expand(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for arg in args {
+        let text = arg.to_string_lossy();
+        if arg.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(arg)
+                .with_context(|| format!("{}: cannot list", arg.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "npy" || e == "safetensors"))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                bail!("{}: directory holds no .npy or .safetensors files", arg.display());
+            }
+            out.extend(files);
+        } else if text.contains(['*', '?', '[']) {
+            let mut files: Vec<PathBuf> =
+                glob::glob(&text).with_context(|| format!("{text}: bad pattern"))?.filter_map(|p| p.ok()).collect();
+            files.sort();
+            if files.is_empty() {
+                bail!("{text}: pattern matches no files");
+            }
+            out.extend(files);
+        } else {
+            out.push(arg.clone());
+        }
+    }
+    if out.is_empty() {
+        bail!("no files given");
+    }
+    Ok(out)
+}
+
+fn read_offsets(path: &Path) -> Result<Vec<u64>> {
+    let t = xent::io::open(path, None, &["offsets"])?;
+    if t.shape.len() != 1 {
+        bail!("{}: offsets must have rank 1 [S+1], found shape {:?}", t.name, t.shape);
+    }
+    let v = t.targets().map_err(|_| anyhow!("{}: offsets must be i64, i32 or u32", t.name))?;
+    (0..v.len()).map(|i| u64::try_from(v.get(i)).map_err(|_| anyhow!("{}: offset {i} is negative", t.name))).collect()
+}
+
+fn progress_bar(total: u64, visible: bool) -> indicatif::ProgressBar {
+    if !visible {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} {msg} ETA {eta}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn write_per_token(path: &Path, pt: &xent::eval::PerToken) -> Result<()> {
+    match output_kind(path)? {
+        Kind::Npy => xent::io::write_npy_f32(path, &pt.nll)?,
+        Kind::Safetensors => {
+            let n = pt.nll.len();
+            let tensors = [
+                ("correct", safetensors::Dtype::U8, &pt.correct[..]),
+                ("lse", safetensors::Dtype::F32, bytemuck::cast_slice(&pt.lse)),
+                ("nll", safetensors::Dtype::F32, bytemuck::cast_slice(&pt.nll)),
+            ];
+            write_safetensors(path, &tensors.map(|(name, d, b)| (name, d, vec![n], b)))?;
+        }
+        _ => bail!("{}: --per-token writes .npy or .safetensors", path.display()),
     }
     Ok(())
 }
 
-fn run(
-    gpu: Option<&GpuContext>,
-    logits: Logits<'_>,
-    targets: Targets<'_>,
-    opts: &Options,
-) -> xent::Result<Vec<RowLoss>> {
-    match gpu {
-        Some(ctx) => ctx.score(logits, targets, opts),
-        None => xent::cpu::score(logits, targets, opts),
+fn write_per_sequence(path: &Path, seqs: &[xent::eval::SequenceResult]) -> Result<()> {
+    match output_kind(path)? {
+        Kind::Jsonl => {
+            let mut text = String::new();
+            for s in seqs {
+                text.push_str(&format!(
+                    "{{\"tokens\":{},\"sum_logprob\":{},\"is_greedy\":{}}}\n",
+                    s.tokens,
+                    num(s.sum_logprob),
+                    s.is_greedy
+                ));
+            }
+            xent::io::write_atomic(path, text.as_bytes())?;
+        }
+        Kind::Safetensors => {
+            let tokens: Vec<i64> = seqs.iter().map(|s| s.tokens as i64).collect();
+            let sums: Vec<f64> = seqs.iter().map(|s| s.sum_logprob).collect();
+            let greedy: Vec<u8> = seqs.iter().map(|s| u8::from(s.is_greedy)).collect();
+            let n = vec![seqs.len()];
+            write_safetensors(
+                path,
+                &[
+                    ("is_greedy", safetensors::Dtype::U8, n.clone(), &greedy[..]),
+                    ("sum_logprob", safetensors::Dtype::F64, n.clone(), bytemuck::cast_slice(&sums)),
+                    ("tokens", safetensors::Dtype::I64, n, bytemuck::cast_slice(&tokens)),
+                ],
+            )?;
+        }
+        _ => bail!("{}: --per-sequence writes .jsonl or .safetensors", path.display()),
     }
+    Ok(())
+}
+
+fn write_safetensors(path: &Path, tensors: &[(&str, safetensors::Dtype, Vec<usize>, &[u8])]) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(name, d, shape, b)| Ok((name.to_string(), safetensors::tensor::TensorView::new(*d, shape.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    xent::io::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
+fn merge(a: &MergeArgs) -> Result<()> {
+    let mut total = Summary::default();
+    let mut seconds = 0.0;
+    for path in &a.summaries {
+        let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| anyhow!("{}: not JSON: {e}", path.display()))?;
+        let count = |k: &str| {
+            v.get(k).and_then(serde_json::Value::as_u64).ok_or_else(|| {
+                anyhow!("{}: not an xent summary (no count '{k}'; write one with score --summary-out)", path.display())
+            })
+        };
+        let exact = |k: &str| {
+            v.get(k).and_then(serde_json::Value::as_str).and_then(|s| s.parse::<i128>().ok()).ok_or_else(|| {
+                anyhow!(
+                    "{}: not an xent summary (no exact sum '{k}'; write one with score --summary-out)",
+                    path.display()
+                )
+            })
+        };
+        total.merge(&Summary {
+            tokens: count("tokens")?,
+            ignored: count("ignored")?,
+            correct: count("correct")?,
+            nan: count("nan")?,
+            infinite: count("infinite")?,
+            sum_nll_fixed: exact("sum_nll_fixed")?,
+            sum_nll_sq_fixed: exact("sum_nll_sq_fixed")?,
+        });
+        seconds += v.get("seconds").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    }
+    let json = json_summary(&total, "merged", seconds);
+    if let Some(path) = &a.summary_out {
+        xent::io::write_atomic(path, format!("{json}\n").as_bytes())?;
+    }
+    if a.json {
+        println!("{json}");
+    } else {
+        print!("{}", human_summary(&total, "merged summaries", seconds));
+    }
+    Ok(())
 }
 
 fn human_summary(s: &Summary, device: &str, seconds: f64) -> String {
@@ -271,9 +511,10 @@ fn num(x: f64) -> String {
     }
 }
 
+/// The contract's fields, then the exact sums that make summaries mergeable.
 fn json_summary(s: &Summary, device: &str, seconds: f64) -> String {
     format!(
-        "{{\"tokens\":{},\"ignored\":{},\"mean_nll\":{},\"bits_per_token\":{},\"perplexity\":{},\"ppl_stderr\":{},\"accuracy\":{},\"device\":\"{device}\",\"seconds\":{}}}",
+        "{{\"tokens\":{},\"ignored\":{},\"mean_nll\":{},\"bits_per_token\":{},\"perplexity\":{},\"ppl_stderr\":{},\"accuracy\":{},\"device\":\"{device}\",\"seconds\":{},\"correct\":{},\"nan\":{},\"infinite\":{},\"sum_nll_fixed\":\"{}\",\"sum_nll_sq_fixed\":\"{}\"}}",
         s.tokens,
         s.ignored,
         num(s.mean_nll()),
@@ -281,7 +522,12 @@ fn json_summary(s: &Summary, device: &str, seconds: f64) -> String {
         num(s.perplexity()),
         num(s.perplexity_stderr()),
         num(s.accuracy()),
-        num(seconds)
+        num(seconds),
+        s.correct,
+        s.nan,
+        s.infinite,
+        s.sum_nll_fixed,
+        s.sum_nll_sq_fixed
     )
 }
 

@@ -102,7 +102,14 @@ fn summaries_merge_exactly() {
     let whole = Summary::of(&rows);
     let mut merged = Summary::of(&rows[..100]);
     merged.merge(&Summary::of(&rows[100..]));
-    assert_eq!(whole.tokens, merged.tokens);
-    assert_eq!(whole.correct, merged.correct);
-    assert!((whole.sum_nll - merged.sum_nll).abs() <= 1e-9 * whole.sum_nll.abs());
+    assert_eq!(whole, merged, "merging is exact, whatever the grouping");
+    let mut reversed = Summary::default();
+    rows.iter().rev().for_each(|r| reversed.push(r));
+    assert_eq!(whole, reversed, "and whatever the order");
+    let mut with_nan = rows.clone();
+    with_nan[3].nll = f32::NAN;
+    with_nan[4].nll = f32::INFINITY;
+    let s = Summary::of(&with_nan);
+    assert_eq!((s.nan, s.infinite), (1, 1));
+    assert!(s.mean_nll().is_nan());
 }
