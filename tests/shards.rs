@@ -175,7 +175,7 @@ fn shift_per_token_and_per_sequence_match_the_reference() {
     // The reference, row by row, with the shift done by hand.
     let mut want_tokens = Vec::new();
     let mut want_seq = vec![(0u64, 0f64, true); b];
-    for q in 0..b {
+    for (q, seq) in want_seq.iter_mut().enumerate() {
         for p in 0..t_len - 1 {
             let r = q * t_len + p;
             let label = labels[r + 1];
@@ -183,9 +183,9 @@ fn shift_per_token_and_per_sequence_match_the_reference() {
             let row = xent::reference::row(&x[r * vocab..(r + 1) * vocab], target);
             want_tokens.push(row);
             if !row.ignored {
-                want_seq[q].0 += 1;
-                want_seq[q].1 -= row.nll;
-                want_seq[q].2 &= row.correct;
+                seq.0 += 1;
+                seq.1 -= row.nll;
+                seq.2 &= row.correct;
             }
         }
     }
