@@ -354,7 +354,7 @@ impl GpuContext {
     /// The layout the kernel will use for `rows` rows of `vocab` logits.
     ///
     /// Short rows are packed several to a workgroup (about one lane per 16 logits); when rows
-    /// are too few to give [`TARGET_GROUPS`] workgroups and are long, each is split over several
+    /// are too few to give 1024 workgroups and are long, each is split over several
     /// workgroups of at least 4096 logits and merged by a second pass; subgroup operations
     /// reduce whenever the device has them and a workgroup holds one row part.
     pub fn plan(&self, rows: u64, vocab: u32) -> Plan {

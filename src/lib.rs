@@ -26,8 +26,13 @@
 //!   adapter's bindings).
 //! - [`GpuContext::encode`]: records the kernel over buffers the caller already has, into the
 //!   caller's encoder — no submit, no sync, no copy (for inference engines).
+//! - [`Stream`]: inputs larger than device memory or arriving in pieces, through a ring of buffers so
+//!   that upload, kernel and readback overlap.
+//! - [`eval::evaluate`]: shards of `.npy` / `.safetensors` files read in bounded memory, with
+//!   `shift`, per-token and per-sequence results.
 //! - [`cpu::score`]: the fast multi-threaded CPU path; [`reference::score`]: the f64 oracle.
-//! - [`Summary`]: mergeable sums giving mean nll, perplexity ± standard error, bits per token, accuracy.
+//! - [`Summary`]: exact, mergeable sums giving mean nll, perplexity ± standard error, bits per
+//!   token, accuracy.
 //!
 //! ## Example
 //! ```
