@@ -50,7 +50,7 @@ impl ElemType {
 }
 
 /// A tensor in a file: where its data lies, its type and shape. Small tensors are read through a
-/// memory map ([`Tensor::bytes`]); large ones in chunks with [`Tensor::read_rows`], which keeps
+/// memory map ([`Tensor::bytes`]); large ones in chunks with [`Tensor::read_data`], which keeps
 /// memory bounded and turns a file truncated or rewritten while being read into an error instead
 /// of a crash.
 pub struct Tensor {
@@ -93,7 +93,7 @@ impl Stamp {
 
 impl Tensor {
     /// The tensor's raw little-endian bytes, through the memory map. For large tensors prefer
-    /// [`Tensor::read_rows`]: pages touched here stay resident.
+    /// [`Tensor::read_data`]: pages touched here stay resident.
     pub fn bytes(&self) -> &[u8] {
         &self.map[self.start..self.end]
     }
