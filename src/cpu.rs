@@ -79,45 +79,75 @@ impl Isa {
 
 /// Scores rows whose targets are already validated (`u32`, [`IGNORED_TARGET`] for ignored rows).
 pub(crate) fn score_validated(logits: Logits<'_>, targets: &[u32]) -> Vec<RowLoss> {
-    let isa = Isa::detect();
-    let vocab = logits.vocab();
-    let rows = logits.rows();
     let threads = rayon::current_num_threads();
     // Parts per row: enough to keep every thread busy when rows are few, and small enough to
     // stay in L2 between the two passes.
-    let parts = vocab.div_ceil(PART).max(threads.div_ceil(rows.max(1))).min(vocab.div_ceil(LANES * 64)).max(1);
-    let part_len = vocab.div_ceil(parts).next_multiple_of(LANES);
-    let parts = vocab.div_ceil(part_len);
-    let rb = logits.row_bytes();
-    let dtype = logits.dtype();
-    let bytes = logits.bytes();
-    let states: Vec<Partial> = (0..rows * parts)
-        .into_par_iter()
-        .map(|u| {
-            let (r, p) = (u / parts, u % parts);
-            let lo = p * part_len;
-            let hi = (lo + part_len).min(vocab);
-            let row = &bytes[r * rb..(r + 1) * rb];
-            let es = dtype.size();
-            // The bytes after this run (the next part or row), to be prefetched while this run's
-            // second pass computes from cache.
-            let at = r * rb + hi * es;
-            let ahead = &bytes[at..(at + (hi - lo) * es).min(bytes.len())];
-            let mut st = scan(isa, dtype, &row[lo * es..hi * es], ahead);
-            st.idx = st.idx.map(|i| i + lo);
-            st
-        })
-        .collect();
+    let parts = logits.vocab().div_ceil(PART).max(threads.div_ceil(logits.rows().max(1)));
+    let plan = PartPlan::new(logits.vocab(), parts);
+    let isa = Isa::detect();
+    let states: Vec<Partial> =
+        (0..logits.rows() * plan.parts).into_par_iter().map(|u| plan.scan(isa, logits, u)).collect();
     states
-        .par_chunks(parts)
+        .par_chunks(plan.parts)
         .zip(targets.par_iter())
         .enumerate()
-        .map(|(r, (ps, &t))| {
-            let st = ps.iter().skip(1).fold(ps[0], |a, b| a.merge(b));
-            let x_t = (t != IGNORED_TARGET).then(|| logits.get(r, t as usize));
-            finish(st, t, x_t)
+        .map(|(r, (ps, &t))| finish_row(logits, r, ps, t))
+        .collect()
+}
+
+/// Scores rows one after another on the calling thread, each cut into parts of at most 64k
+/// logits (the split [`score_validated`] uses when rows are at least as many as threads, so both
+/// give the same bits). For callers that parallelise over blocks of rows themselves.
+pub(crate) fn score_sequential(logits: Logits<'_>, targets: &[u32]) -> Vec<RowLoss> {
+    let plan = PartPlan::new(logits.vocab(), logits.vocab().div_ceil(PART));
+    let isa = Isa::detect();
+    let mut states = Vec::with_capacity(plan.parts);
+    (0..logits.rows())
+        .map(|r| {
+            states.clear();
+            states.extend((0..plan.parts).map(|p| plan.scan(isa, logits, r * plan.parts + p)));
+            finish_row(logits, r, &states, targets[r])
         })
         .collect()
+}
+
+/// How rows are cut into parts: `parts` runs of `len` logits (a multiple of the lane count).
+#[derive(Debug, Clone, Copy)]
+struct PartPlan {
+    parts: usize,
+    len: usize,
+}
+
+impl PartPlan {
+    fn new(vocab: usize, parts: usize) -> PartPlan {
+        let parts = parts.min(vocab.div_ceil(LANES * 64)).max(1);
+        let len = vocab.div_ceil(parts).next_multiple_of(LANES);
+        PartPlan { parts: vocab.div_ceil(len).max(1), len }
+    }
+
+    /// Scans unit `u` (row `u / parts`, part `u % parts`).
+    fn scan(&self, isa: Isa, logits: Logits<'_>, u: usize) -> Partial {
+        let (r, p) = (u / self.parts, u % self.parts);
+        let vocab = logits.vocab();
+        let es = logits.dtype().size();
+        let rb = logits.row_bytes();
+        let bytes = logits.bytes();
+        let lo = p * self.len;
+        let hi = (lo + self.len).min(vocab);
+        // The bytes after this run (the next part or row), to be prefetched while this run's
+        // second pass computes from cache.
+        let at = r * rb + hi * es;
+        let ahead = &bytes[at..(at + (hi - lo) * es).min(bytes.len())];
+        let mut st = scan(isa, logits.dtype(), &bytes[r * rb + lo * es..r * rb + hi * es], ahead);
+        st.idx = st.idx.map(|i| i + lo);
+        st
+    }
+}
+
+fn finish_row(logits: Logits<'_>, r: usize, parts: &[Partial], t: u32) -> RowLoss {
+    let st = parts.iter().skip(1).fold(parts[0], |a, b| a.merge(b));
+    let x_t = (t != IGNORED_TARGET).then(|| logits.get(r, t as usize));
+    finish(st, t, x_t)
 }
 
 /// The state of a scanned run of logits: max, sum of exp(x - max), first argmax, NaN/+inf seen.

@@ -216,48 +216,61 @@ pub fn evaluate(
         }
     };
 
-    // The reader: chunks of rows, restarting at each shard, through a pool of three buffers.
-    std::thread::scope(|scope| -> Result<()> {
-        let (full_tx, full_rx) = mpsc::sync_channel::<Result<(usize, usize, usize, Vec<u8>)>>(2);
-        let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
-        for _ in 0..3 {
-            let _ = empty_tx.send(Vec::new());
-        }
-        scope.spawn(move || {
-            for (si, s) in shards.iter().enumerate() {
-                let rows = s.logits.data_len() / row_bytes.max(1);
-                for r0 in (0..rows).step_by(chunk_rows) {
-                    let n = chunk_rows.min(rows - r0);
-                    let Ok(mut buf) = empty_rx.recv() else { return };
-                    buf.resize(n * row_bytes, 0);
-                    let read = s.logits.read_data(r0 * row_bytes, &mut buf).map(|()| (si, r0, n, buf));
-                    let failed = read.is_err();
-                    if full_tx.send(read).is_err() || failed {
+    match &mut stream {
+        // GPU: a reader thread fills a pool of three buffers while the stream uploads and scores.
+        Some(stream) => std::thread::scope(|scope| -> Result<()> {
+            let (full_tx, full_rx) = mpsc::sync_channel::<Result<(usize, usize, usize, Vec<u8>)>>(2);
+            let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+            for _ in 0..3 {
+                let _ = empty_tx.send(Vec::new());
+            }
+            scope.spawn(move || {
+                for (si, s) in shards.iter().enumerate() {
+                    let rows = s.logits.data_len() / row_bytes;
+                    for r0 in (0..rows).step_by(chunk_rows) {
+                        let n = chunk_rows.min(rows - r0);
+                        let Ok(mut buf) = empty_rx.recv() else { return };
+                        buf.resize(n * row_bytes, 0);
+                        let read = read_parallel(&s.logits, r0 * row_bytes, &mut buf).map(|()| (si, r0, n, buf));
+                        let failed = read.is_err();
+                        if full_tx.send(read).is_err() || failed {
+                            return;
+                        }
+                    }
+                    // A file rewritten after its last chunk was read is caught here.
+                    if let Err(e) = s.logits.check_unchanged() {
+                        let _ = full_tx.send(Err(e));
                         return;
                     }
                 }
-                // A file rewritten after its last chunk was read is caught here.
-                if let Err(e) = s.logits.check_unchanged() {
-                    let _ = full_tx.send(Err(e));
-                    return;
-                }
+            });
+            for msg in full_rx {
+                let (si, r0, n, buf) = msg?;
+                let logits = Logits::from_bytes(&buf, layout.dtype, n, layout.vocab)?;
+                let done = stream.push(logits, &prepared[si].targets[r0..r0 + n])?;
+                let _ = empty_tx.send(buf);
+                fold(&mut out, &done);
+                out.bytes += (n * row_bytes) as u64;
+                progress(n as u64, (n * row_bytes) as u64);
             }
-        });
-        for msg in full_rx {
-            let (si, r0, n, buf) = msg?;
-            let logits = Logits::from_bytes(&buf, layout.dtype, n, layout.vocab)?;
-            let targets = &prepared[si].targets[r0..r0 + n];
-            let done = match &mut stream {
-                Some(stream) => stream.push(logits, targets)?,
-                None => crate::cpu::score_validated(logits, targets),
-            };
-            let _ = empty_tx.send(buf);
-            fold(&mut out, &done);
-            out.bytes += (n * row_bytes) as u64;
-            progress(n as u64, (n * row_bytes) as u64);
+            Ok(())
+        })?,
+        // CPU: the scoring threads read their own blocks of rows, so the copy out of the page
+        // cache runs on every core and lands in the cache the scan reads next.
+        None => {
+            for (si, s) in shards.iter().enumerate() {
+                let rows = s.logits.data_len() / row_bytes;
+                for r0 in (0..rows).step_by(chunk_rows) {
+                    let n = chunk_rows.min(rows - r0);
+                    let done = score_chunk_cpu(&s.logits, &layout, r0, n, &prepared[si].targets[r0..r0 + n])?;
+                    fold(&mut out, &done);
+                    out.bytes += (n * row_bytes) as u64;
+                    progress(n as u64, (n * row_bytes) as u64);
+                }
+                s.logits.check_unchanged()?;
+            }
         }
-        Ok(())
-    })?;
+    }
     if let Some(stream) = stream {
         let rest = stream.finish()?;
         fold(&mut out, &rest);
@@ -266,6 +279,61 @@ pub fn evaluate(
         return Err(Error::Gpu(format!("scored {next_row} rows of {}", layout.rows)));
     }
     Ok(out)
+}
+
+/// Reads `buf.len()` bytes of data from `offset`, in 8 MiB pieces on every core.
+fn read_parallel(t: &Tensor, offset: usize, buf: &mut [u8]) -> Result<()> {
+    use rayon::prelude::*;
+    const PIECE: usize = 8 << 20;
+    buf.par_chunks_mut(PIECE).enumerate().try_for_each(|(i, piece)| t.read_data(offset + i * PIECE, piece))
+}
+
+/// Scores rows `r0..r0 + n` of a shard on the CPU. With enough blocks of ~256 KiB to occupy every
+/// thread, each thread reads and scores its own blocks; otherwise (few, long rows) the chunk is
+/// read whole and each row is split across threads. The choice depends only on `n`, so a chunk
+/// gives the same bits whenever it is scored.
+fn score_chunk_cpu(t: &Tensor, layout: &Layout, r0: usize, n: usize, targets: &[u32]) -> Result<Vec<RowLoss>> {
+    use rayon::prelude::*;
+    let rb = layout.vocab * layout.dtype.size();
+    let block = ((256 << 10) / rb).max(1);
+    let blocks = n.div_ceil(block);
+    if blocks >= rayon::current_num_threads() {
+        // Zero-copy from the page cache where the system allows it (populated per block, then
+        // released per chunk so memory stays bounded); positioned reads otherwise.
+        if t.mapped(r0 * rb, rb.min(n * rb))?.is_some() {
+            let parts = (0..blocks)
+                .into_par_iter()
+                .map(|b| {
+                    let a = b * block;
+                    let m = block.min(n - a);
+                    let bytes = t.mapped((r0 + a) * rb, m * rb)?.ok_or_else(|| Error::File {
+                        path: t.name.clone(),
+                        reason: "memory map became unavailable".into(),
+                    })?;
+                    let logits = Logits::from_bytes(bytes, layout.dtype, m, layout.vocab)?;
+                    Ok(crate::cpu::score_sequential(logits, &targets[a..a + m]))
+                })
+                .collect::<Result<Vec<Vec<RowLoss>>>>();
+            t.release(r0 * rb, n * rb);
+            return Ok(parts?.concat());
+        }
+        let parts = (0..blocks)
+            .into_par_iter()
+            .map_init(Vec::new, |buf: &mut Vec<u8>, b| {
+                let a = b * block;
+                let m = block.min(n - a);
+                buf.resize(m * rb, 0);
+                t.read_data((r0 + a) * rb, buf)?;
+                let logits = Logits::from_bytes(buf, layout.dtype, m, layout.vocab)?;
+                Ok(crate::cpu::score_sequential(logits, &targets[a..a + m]))
+            })
+            .collect::<Result<Vec<Vec<RowLoss>>>>()?;
+        Ok(parts.concat())
+    } else {
+        let mut buf = vec![0u8; n * rb];
+        read_parallel(t, r0 * rb, &mut buf)?;
+        Ok(crate::cpu::score_validated(Logits::from_bytes(&buf, layout.dtype, n, layout.vocab)?, targets))
+    }
 }
 
 /// The shard holding global row `g`, and the row's index in it.

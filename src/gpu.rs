@@ -500,8 +500,9 @@ impl GpuContext {
         check_region("output", job.output, job.output_offset + job.rows * ROW_LOSS_BYTES)?;
 
         let chunk = self.rows_per_chunk(job.dtype, job.row_stride, vocab)?;
-        let uniform_stride = u64::from(self.device.limits().min_uniform_buffer_offset_alignment)
-            .max(std::mem::size_of::<Params>() as u64);
+        // Each chunk's parameters sit at an offset that is a multiple of the adapter's alignment.
+        let uniform_stride = (std::mem::size_of::<Params>() as u64)
+            .next_multiple_of(u64::from(self.device.limits().min_uniform_buffer_offset_alignment));
         let n_chunks = job.rows.div_ceil(chunk);
 
         // Plan every chunk first: its layout, windows and uniform slot.

@@ -98,6 +98,62 @@ impl Tensor {
         &self.map[self.start..self.end]
     }
 
+    /// Bytes `[offset, offset + len)` of the tensor's data straight from the memory map, with
+    /// their pages populated first (Linux's `MADV_POPULATE_READ`, which reports a file truncated
+    /// under it as an error rather than raising SIGBUS). `None` where that is unavailable (other
+    /// systems, kernels before 5.14): use [`Tensor::read_data`] then.
+    ///
+    /// Zero-copy, so faster than `read_data` when the file is in the page cache. A file truncated
+    /// by another process in the microseconds between population and the reads of these bytes
+    /// still raises SIGBUS; the `xent` binary turns that into a one-line error.
+    ///
+    /// # Errors
+    /// As [`Tensor::read_data`].
+    pub fn mapped(&self, offset: usize, len: usize) -> Result<Option<&[u8]>> {
+        if offset + len > self.data_len() {
+            return Err(self.err(format!("read of {len} bytes at {offset} is past the data")));
+        }
+        self.check_unchanged()?;
+        let at = self.start + offset;
+        #[cfg(target_os = "linux")]
+        {
+            match self.map.advise_range(memmap2::Advice::PopulateRead, at, len) {
+                Ok(()) => {
+                    // Populated after the check above: confirm nothing changed in between.
+                    self.check_unchanged()?;
+                    Ok(Some(&self.map[at..at + len]))
+                }
+                Err(e) if e.raw_os_error() == Some(libc_einval()) => Ok(None),
+                Err(_) => Err(self.err("file was truncated while being read")),
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = at;
+            Ok(None)
+        }
+    }
+
+    /// Drops the pages of `[offset, offset + len)` from this process's resident set (they stay in
+    /// the page cache), so that scanning a huge file through [`Tensor::mapped`] keeps memory bounded.
+    pub fn release(&self, offset: usize, len: usize) {
+        #[cfg(unix)]
+        {
+            const PAGE: usize = 4096;
+            let start = (self.start + offset) / PAGE * PAGE;
+            let end = (self.start + offset + len).min(self.map.len()) / PAGE * PAGE;
+            if end > start {
+                // SAFETY: MADV_DONTNEED on a read-only file mapping only drops page-table entries;
+                // later reads fault the same file contents back in. No reference into these
+                // pages is held across this call by xent.
+                let _ =
+                    unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (offset, len);
+    }
+
     /// Bytes of data.
     pub fn data_len(&self) -> usize {
         self.end - self.start
@@ -232,6 +288,12 @@ struct Parsed {
     elem: ElemType,
     shape: Vec<usize>,
     name: String,
+}
+
+/// EINVAL: what `madvise` returns for an advice the kernel does not know.
+#[cfg(target_os = "linux")]
+const fn libc_einval() -> i32 {
+    22
 }
 
 #[cfg(unix)]

@@ -192,6 +192,7 @@ struct GenArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    on_sigbus_exit_cleanly();
     let result = match cli.command {
         Command::Score(a) => score(&a),
         Command::Bench(a) => bench(&a),
@@ -205,6 +206,31 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("xent: error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Input files are read through memory maps where that is zero-copy; if another process truncates a
+/// file in the instant between a block's population (checked) and its reads, the kernel raises
+/// SIGBUS. Turn that into the same kind of one-line error as every other bad input, with a
+/// non-zero exit. Outputs are only written after scoring, so nothing is left half-written.
+fn on_sigbus_exit_cleanly() {
+    #[cfg(unix)]
+    {
+        extern "C" fn handler(_: libc::c_int) {
+            const MSG: &[u8] = b"xent: error: an input file was truncated or replaced while being read (SIGBUS)\n";
+            // SAFETY: write(2) and _exit(2) are async-signal-safe.
+            unsafe {
+                libc::write(2, MSG.as_ptr().cast(), MSG.len());
+                libc::_exit(1);
+            }
+        }
+        // SAFETY: installs a handler that only calls async-signal-safe functions.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = handler as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
         }
     }
 }

@@ -316,6 +316,10 @@ fn encode_over_caller_buffers_with_offsets_and_stride() {
     for (_, ctx) in planned_gpus() {
         encode_with_offsets(ctx);
     }
+    // One encode split into many chunks (each with its own parameters at an aligned offset).
+    let mut small = new_gpu().unwrap();
+    small.set_max_binding_bytes(4096);
+    encode_with_offsets(&small);
 }
 
 fn encode_with_offsets(ctx: &GpuContext) {

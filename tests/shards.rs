@@ -337,3 +337,46 @@ fn files_changed_while_read_are_errors() {
     assert!(e.to_string().contains("changed while being read"), "{e}");
     let _ = t;
 }
+
+/// Both CPU reading paths — blocks scored straight from the page cache by every thread, and a
+/// chunk read whole for few long rows — agree with the reference, for every dtype.
+#[test]
+fn cpu_reading_paths_match_the_reference() {
+    let d = dir("cpu-paths");
+    for (i, (rows, vocab)) in [(40usize, 70_001usize), (1, 70_001), (300, 1000)].into_iter().enumerate() {
+        for (j, dtype) in [Dtype::F32, Dtype::F16, Dtype::BF16].into_iter().enumerate() {
+            let (l, t) = shard(&d, 10 * i + j, rows, vocab, dtype);
+            let shards = vec![xent::eval::Shard {
+                logits: xent::io::open(&l, None, &["logits"]).unwrap(),
+                targets: xent::io::open(&t, None, &["targets"]).unwrap(),
+            }];
+            let opts = xent::eval::EvalOptions { per_token: true, per_token_extra: true, ..Default::default() };
+            let got = xent::eval::evaluate(xent::eval::Engine::Cpu, &shards, &opts, &mut |_, _| {}).unwrap();
+            let logits = shards[0].logits.logits().unwrap();
+            let want =
+                xent::reference::score(logits, shards[0].targets.targets().unwrap(), &Options::default()).unwrap();
+            let pt = got.per_token.unwrap();
+            for (r, w) in want.iter().enumerate() {
+                assert!(
+                    common::close(f64::from(pt.nll[r]), w.nll, common::ATOL, common::RTOL),
+                    "{rows} x {vocab} {dtype} row {r}: {} vs {}",
+                    pt.nll[r],
+                    w.nll
+                );
+                assert_eq!(pt.correct[r] == 1, w.correct, "{rows} x {vocab} {dtype} row {r}");
+            }
+        }
+    }
+}
+
+/// The zero-copy path checks the file before each block: a truncation is an error.
+#[test]
+fn mapped_reads_refuse_a_truncated_file() {
+    let d = dir("mapped");
+    let (l, _) = shard(&d, 0, 8, 1000, Dtype::F32);
+    let logits = xent::io::open(&l, None, &["logits"]).unwrap();
+    assert!(logits.mapped(0, 4000).is_ok());
+    std::fs::OpenOptions::new().write(true).open(&l).unwrap().set_len(1000).unwrap();
+    let e = logits.mapped(0, 4000).unwrap_err();
+    assert!(e.to_string().contains("changed while being read"), "{e}");
+}
