@@ -216,9 +216,9 @@ fn row_base(row: u32) -> u32 {
 fn finish(row: u32, st: State) {
     let t = targets[params.targets_offset + row];
     var r: RowLoss;
-    r.argmax = st.idx;
-    // A NaN or +inf anywhere, or a row of only -inf (s == 0): NaN, as torch.
+    // A NaN or +inf anywhere, or a row of only -inf (s == 0): NaN, as torch; no argmax.
     let broken = st.bad != 0u || st.s == 0.0;
+    r.argmax = select(st.idx, NO_INDEX, broken);
     let log_s = log(st.s);
     r.lse = select(st.m + log_s, nan(), broken);
     if t == params.ignore {

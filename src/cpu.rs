@@ -7,9 +7,10 @@
 //!   2-core AMD EPYC (AVX-512) at 2048 x 128256 f32, two passes beat an online single pass
 //!   because the second pass has no data-dependent rescaling and vectorises fully (see
 //!   BENCHMARKS.md); rows that do not fit L2 are cut into parts that do (below).
-//! - **A vectorised `exp`** for arguments <= 0 (after max-subtraction): Cody–Waite range reduction
-//!   and Cephes' degree-6 polynomial, about 1 ulp over [-87, 0]; below -87 (e^-87 < 2e-38) the
-//!   term is flushed to e^-87, which cannot change a sum that is at least 1.
+//! - **A vectorised `exp`** for arguments <= 0 (after max-subtraction), about 1 ulp over [-87, 0]:
+//!   on AVX-512 a 16-entry table of 2^(j/16) in one register plus a cubic; elsewhere Cody–Waite
+//!   range reduction and Cephes' degree-6 polynomial. Below -87 (e^-87 < 2e-38) the term is
+//!   flushed to e^-87, which cannot change a sum that is at least 1.
 //! - **Runtime CPU-feature dispatch**, no `-C target-cpu`: the same generic code is compiled three
 //!   times — AVX-512, AVX2+FMA, and the portable baseline (SSE2 on x86-64, NEON on aarch64) — and
 //!   chosen once per call with `is_x86_feature_detected!`. The code is written as loops over
@@ -66,10 +67,17 @@ impl Isa {
     fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            // Every feature the chosen function enables must be checked here.
+            let avx2 =
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+            if avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+            {
                 return Isa::Avx512;
             }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if avx2 {
                 return Isa::Avx2;
             }
         }
@@ -173,7 +181,7 @@ fn finish(st: Partial, t: u32, x_t: Option<f32>) -> RowLoss {
     let broken = st.bad || st.s == 0.0 || st.m == f32::NEG_INFINITY;
     let log_s = st.s.ln() as f32;
     let lse = if broken { f32::NAN } else { st.m + log_s };
-    let argmax = st.idx.map_or(u32::MAX, |i| i as u32);
+    let argmax = if broken { u32::MAX } else { st.idx.map_or(u32::MAX, |i| i as u32) };
     match x_t {
         None => RowLoss { nll: 0.0, lse, argmax, flags: RowLoss::IGNORED },
         Some(x) => {

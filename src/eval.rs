@@ -169,10 +169,36 @@ pub fn evaluate(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<EvalResult> {
     let layout = check_shards(shards)?;
-    let prepared = prepare(shards, &layout, opts)?;
-    let n_sequences = prepared.iter().flat_map(|p| p.sequence.last()).map(|&s| s as usize + 1).max().unwrap_or(0);
-    let row_bytes = layout.vocab * layout.dtype.size();
     let chunk_bytes = if opts.chunk_bytes == 0 { 64 << 20 } else { opts.chunk_bytes };
+    // Device errors (out of memory for the ring, a lost device) come back as errors, not panics.
+    let scopes = match engine {
+        Engine::Gpu(ctx) => Some((
+            ctx.device().push_error_scope(wgpu::ErrorFilter::Validation),
+            ctx.device().push_error_scope(wgpu::ErrorFilter::OutOfMemory),
+        )),
+        Engine::Cpu => None,
+    };
+    let result = evaluate_in_scope(engine, shards, opts, progress, layout, chunk_bytes);
+    if let Some((validation, oom)) = scopes {
+        for scope in [oom, validation] {
+            if let Some(e) = pollster::block_on(scope.pop()) {
+                return Err(Error::Gpu(e.to_string()));
+            }
+        }
+    }
+    result
+}
+
+fn evaluate_in_scope(
+    engine: Engine<'_>,
+    shards: &[Shard],
+    opts: &EvalOptions,
+    progress: &mut dyn FnMut(u64, u64),
+    layout: Layout,
+    chunk_bytes: u64,
+) -> Result<EvalResult> {
+    let (prepared, n_sequences) = prepare(shards, &layout, opts)?;
+    let row_bytes = layout.vocab * layout.dtype.size();
     let mut stream = match engine {
         Engine::Gpu(ctx) => Some(Stream::new(ctx, layout.dtype, layout.vocab as u32, chunk_bytes)?),
         Engine::Cpu => None,
@@ -190,8 +216,11 @@ pub fn evaluate(
         ..Default::default()
     };
     let mut next_row = 0u64; // global index of the next result to fold in
-    let mut fold = |out: &mut EvalResult, rows: &[RowLoss]| {
+    let mut fold = |out: &mut EvalResult, rows: &[RowLoss]| -> Result<()> {
         for r in rows {
+            if !r.is_written() {
+                return Err(Error::Gpu(format!("row {next_row} was never written by the kernel")));
+            }
             let (p, local) = locate(&prepared, next_row);
             next_row += 1;
             if p.dropped[local] {
@@ -214,6 +243,7 @@ pub fn evaluate(
                 }
             }
         }
+        Ok(())
     };
 
     match &mut stream {
@@ -249,7 +279,7 @@ pub fn evaluate(
                 let logits = Logits::from_bytes(&buf, layout.dtype, n, layout.vocab)?;
                 let done = stream.push(logits, &prepared[si].targets[r0..r0 + n])?;
                 let _ = empty_tx.send(buf);
-                fold(&mut out, &done);
+                fold(&mut out, &done)?;
                 out.bytes += (n * row_bytes) as u64;
                 progress(n as u64, (n * row_bytes) as u64);
             }
@@ -263,7 +293,7 @@ pub fn evaluate(
                 for r0 in (0..rows).step_by(chunk_rows) {
                     let n = chunk_rows.min(rows - r0);
                     let done = score_chunk_cpu(&s.logits, &layout, r0, n, &prepared[si].targets[r0..r0 + n])?;
-                    fold(&mut out, &done);
+                    fold(&mut out, &done)?;
                     out.bytes += (n * row_bytes) as u64;
                     progress(n as u64, (n * row_bytes) as u64);
                 }
@@ -273,7 +303,7 @@ pub fn evaluate(
     }
     if let Some(stream) = stream {
         let rest = stream.finish()?;
-        fold(&mut out, &rest);
+        fold(&mut out, &rest)?;
     }
     if next_row != layout.rows {
         return Err(Error::Gpu(format!("scored {next_row} rows of {}", layout.rows)));
@@ -343,7 +373,8 @@ fn locate(prepared: &[Prepared], g: u64) -> (&Prepared, usize) {
 }
 
 /// Validates targets, applies `shift`, and numbers sequences, shard by shard.
-fn prepare(shards: &[Shard], layout: &Layout, opts: &EvalOptions) -> Result<Vec<Prepared>> {
+/// Also returns the number of sequences (empty ones included).
+fn prepare(shards: &[Shard], layout: &Layout, opts: &EvalOptions) -> Result<(Vec<Prepared>, usize)> {
     if let Some(off) = &opts.offsets {
         if off.first() != Some(&0) || off.last() != Some(&layout.rows) || off.windows(2).any(|w| w[0] > w[1]) {
             return Err(Error::Shape(format!(
@@ -377,11 +408,16 @@ fn prepare(shards: &[Shard], layout: &Layout, opts: &EvalOptions) -> Result<Vec<
         let labels = s.targets.targets()?;
         let kernel = validate_targets(labels, rows, layout.vocab, &opts.options)
             .map_err(|e| Error::File { path: s.targets.name.clone(), reason: e.to_string() })?;
-        // Sequence of each row: explicit offsets, else the rows of rank-3 logits, else the shard.
-        let seq_len = if s.logits.shape.len() == 3 { s.logits.shape[1] } else { rows.max(1) };
+        // Sequence of each row: explicit offsets, else T of [B, T, V] logits or [B, T] targets,
+        // else the whole shard.
+        let seq_len = match (&s.logits.shape[..], &s.targets.shape[..]) {
+            ([_, t, _], _) | (_, [_, t]) => *t,
+            _ => rows,
+        }
+        .max(1);
         let sequence: Vec<u64> = match &opts.offsets {
             Some(off) => (0..rows as u64).map(|r| (off.partition_point(|&o| o <= first_row + r) - 1) as u64).collect(),
-            None => (0..rows).map(|r| seq_base + (r / seq_len.max(1)) as u64).collect(),
+            None => (0..rows).map(|r| seq_base + (r / seq_len) as u64).collect(),
         };
         let last_of_sequence = |r: usize| r + 1 == rows || sequence[r + 1] != sequence[r];
         let (targets, dropped) = if opts.shift {
@@ -390,10 +426,14 @@ fn prepare(shards: &[Shard], layout: &Layout, opts: &EvalOptions) -> Result<Vec<
             (kernel, vec![false; rows])
         };
         if opts.offsets.is_none() {
-            seq_base += rows.div_ceil(seq_len.max(1)) as u64;
+            seq_base += rows.div_ceil(seq_len) as u64;
         }
         out.push(Prepared { first_row, targets, dropped, sequence: sequence.iter().map(|&q| q as u32).collect() });
         first_row += rows as u64;
     }
-    Ok(out)
+    let sequences = match &opts.offsets {
+        Some(off) => off.len() - 1,
+        None => seq_base as usize,
+    };
+    Ok((out, sequences))
 }

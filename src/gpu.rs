@@ -125,7 +125,8 @@ const MAX_GROUPS_PER_DIM: u32 = 65_535;
 pub struct EncodeJob<'a> {
     /// Buffer holding the logits (usage must include `STORAGE`).
     pub logits: &'a wgpu::Buffer,
-    /// Byte offset of row 0's first logit; a multiple of the element size.
+    /// Byte offset of row 0's first logit; a multiple of the element size. The buffer must extend
+    /// to the 4-byte word holding the last logit (f16/bf16 logits are read as whole words).
     pub logits_offset: u64,
     /// Element type of the logits.
     pub dtype: Dtype,
@@ -139,7 +140,8 @@ pub struct EncodeJob<'a> {
     pub targets: &'a wgpu::Buffer,
     /// Byte offset of row 0's target; a multiple of 4.
     pub targets_offset: u64,
-    /// Target value meaning "ignore this row" (`None`: no row is ignored).
+    /// Target value meaning "ignore this row". `None` ignores no valid target (the kernel's own
+    /// sentinel, `u32::MAX`, still reads as ignored).
     pub ignore: Option<u32>,
     /// Buffer receiving one [`RowLoss`] per row (usage must include `STORAGE`).
     pub output: &'a wgpu::Buffer,
@@ -494,10 +496,25 @@ impl GpuContext {
         if job.row_stride > u64::from(u32::MAX) {
             return Err(Error::Shape(format!("row_stride {} does not fit in u32", job.row_stride)));
         }
-        let logits_end = job.logits_offset + ((job.rows - 1) * job.row_stride + vocab) * es;
-        check_region("logits", job.logits, logits_end)?;
-        check_region("targets", job.targets, job.targets_offset + job.rows * 4)?;
-        check_region("output", job.output, job.output_offset + job.rows * ROW_LOSS_BYTES)?;
+        let overflow = || Error::Buffer("a region's end overflows u64".into());
+        let logits_end = (job.rows - 1)
+            .checked_mul(job.row_stride)
+            .and_then(|e| e.checked_add(vocab))
+            .and_then(|e| e.checked_mul(es))
+            .and_then(|e| e.checked_add(job.logits_offset))
+            .ok_or_else(overflow)?;
+        // The logits are bound as whole 4-byte words.
+        check_region("logits", job.logits, logits_end.next_multiple_of(4))?;
+        check_region(
+            "targets",
+            job.targets,
+            job.rows.checked_mul(4).and_then(|b| b.checked_add(job.targets_offset)).ok_or_else(overflow)?,
+        )?;
+        check_region(
+            "output",
+            job.output,
+            job.rows.checked_mul(ROW_LOSS_BYTES).and_then(|b| b.checked_add(job.output_offset)).ok_or_else(overflow)?,
+        )?;
 
         let chunk = self.rows_per_chunk(job.dtype, job.row_stride, vocab)?;
         // Each chunk's parameters sit at an offset that is a multiple of the adapter's alignment.

@@ -110,7 +110,7 @@ impl Tensor {
     /// # Errors
     /// As [`Tensor::read_data`].
     pub fn mapped(&self, offset: usize, len: usize) -> Result<Option<&[u8]>> {
-        if offset + len > self.data_len() {
+        if offset.checked_add(len).is_none_or(|end| end > self.data_len()) {
             return Err(self.err(format!("read of {len} bytes at {offset} is past the data")));
         }
         self.check_unchanged()?;
@@ -166,7 +166,7 @@ impl Tensor {
     /// [`Error::File`] if the file changed (length or modification time) or was truncated;
     /// [`Error::Io`] on a read error.
     pub fn read_data(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
-        if offset + buf.len() > self.data_len() {
+        if offset.checked_add(buf.len()).is_none_or(|end| end > self.data_len()) {
             return Err(self.err(format!("read of {} bytes at {offset} is past the data", buf.len())));
         }
         self.check_unchanged()?;

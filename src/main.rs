@@ -214,8 +214,10 @@ fn main() -> ExitCode {
 /// file in the instant between a block's population (checked) and its reads, the kernel raises
 /// SIGBUS. Turn that into the same kind of one-line error as every other bad input, with a
 /// non-zero exit. Outputs are only written after scoring, so nothing is left half-written.
+/// Linux only: that is where the zero-copy path runs, and where a stack overflow raises SIGSEGV
+/// (not SIGBUS), so std's overflow report is not shadowed.
 fn on_sigbus_exit_cleanly() {
-    #[cfg(unix)]
+    #[cfg(target_os = "linux")]
     {
         extern "C" fn handler(_: libc::c_int) {
             const MSG: &[u8] = b"xent: error: an input file was truncated or replaced while being read (SIGBUS)\n";
@@ -265,9 +267,22 @@ fn score(a: &ScoreArgs) -> Result<()> {
             if targets_paths.len() == 1 { "" } else { "s" }
         );
     }
-    for p in [&a.per_token, &a.per_sequence, &a.summary_out].into_iter().flatten() {
-        output_kind(p)?;
-    }
+    // Every output's format is checked before any work, so a typo costs nothing.
+    let check = |p: &Option<PathBuf>, flag: &str, allowed: &[Kind]| -> Result<()> {
+        match p {
+            Some(p) if !allowed.contains(&output_kind(p)?) => {
+                bail!(
+                    "{}: {flag} writes {}",
+                    p.display(),
+                    allowed.iter().map(|k| k.ext()).collect::<Vec<_>>().join(" or ")
+                )
+            }
+            _ => Ok(()),
+        }
+    };
+    check(&a.per_token, "--per-token", &[Kind::Npy, Kind::Safetensors])?;
+    check(&a.per_sequence, "--per-sequence", &[Kind::Jsonl, Kind::Safetensors])?;
+    check(&a.summary_out, "--summary-out", &[Kind::Json])?;
     let gpu = pick_device(a.device)?;
     // Timed from opening the inputs to the last result (device creation excluded, as documented).
     let start = Instant::now();
@@ -339,6 +354,17 @@ enum Kind {
     Safetensors,
     Jsonl,
     Json,
+}
+
+impl Kind {
+    fn ext(self) -> &'static str {
+        match self {
+            Kind::Npy => ".npy",
+            Kind::Safetensors => ".safetensors",
+            Kind::Jsonl => ".jsonl",
+            Kind::Json => ".json",
+        }
+    }
 }
 
 fn output_kind(p: &Path) -> Result<Kind> {
@@ -502,6 +528,9 @@ fn merge(a: &MergeArgs) -> Result<()> {
     }
     let json = json_summary(&total, "merged", seconds);
     if let Some(path) = &a.summary_out {
+        if output_kind(path)? != Kind::Json {
+            bail!("{}: --summary-out writes .json", path.display());
+        }
         xent::io::write_atomic(path, format!("{json}\n").as_bytes())?;
     }
     if a.json {

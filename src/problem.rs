@@ -247,7 +247,8 @@ pub struct RowLoss {
     pub nll: f32,
     /// `log(sum_j exp(x_j))`.
     pub lse: f32,
-    /// First index of the largest logit (`u32::MAX` when there is none, e.g. a row of only -inf).
+    /// First index of the largest logit; `u32::MAX` for a broken row (a NaN or +inf in it, or
+    /// only -inf).
     pub argmax: u32,
     /// Bit set of [`RowLoss::IGNORED`], [`RowLoss::CORRECT`], [`RowLoss::BAD_TARGET`].
     pub flags: u32,
@@ -260,6 +261,14 @@ impl RowLoss {
     pub const CORRECT: u32 = 2;
     /// The target was out of range (only through [`crate::GpuContext::encode`], which does not validate).
     pub const BAD_TARGET: u32 = 4;
+    /// Every flag the kernels write; a result with other bits set was never written (streams
+    /// poison their output buffers with all bits set).
+    pub const ALL_FLAGS: u32 = Self::IGNORED | Self::CORRECT | Self::BAD_TARGET;
+
+    /// Whether this result was written by a kernel (not left as poison).
+    pub fn is_written(&self) -> bool {
+        self.flags & !Self::ALL_FLAGS == 0
+    }
 
     /// Whether the row was ignored.
     pub fn ignored(&self) -> bool {

@@ -17,7 +17,7 @@ pub struct RefRow {
     pub nll: f64,
     /// Log-sum-exp of the row.
     pub lse: f64,
-    /// First index of the largest logit, if any logit is larger than -inf.
+    /// First index of the largest logit; `None` for a broken row (NaN or +inf in it, or only -inf).
     pub argmax: Option<usize>,
     /// Whether the row's target is the ignore index.
     pub ignored: bool,
@@ -39,6 +39,8 @@ pub fn row(x: &[f32], target: Option<usize>) -> RefRow {
     let m = f64::from(best);
     let sum: f64 = x.iter().map(|&v| (f64::from(v) - m).exp()).sum();
     let (lse, log_s) = if broken || argmax.is_none() { (f64::NAN, f64::NAN) } else { (m + sum.ln(), sum.ln()) };
+    // A broken row has no meaningful argmax.
+    let argmax = if broken { None } else { argmax };
     match target {
         None => RefRow { nll: 0.0, lse, argmax, ignored: true, correct: false },
         Some(t) => {

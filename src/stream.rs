@@ -144,8 +144,12 @@ impl<'c> Stream<'c> {
         }
         // Collect whatever else has already finished, without waiting.
         self.ctx.device().poll(wgpu::PollType::Poll).map_err(|e| Error::Gpu(e.to_string()))?;
-        while self.in_flight.front().is_some_and(|f| matches!(f.mapped.try_recv(), Ok(Ok(())))) {
-            done.extend(self.read_oldest()?);
+        while let Some(front) = self.in_flight.front() {
+            match front.mapped.try_recv() {
+                Ok(Ok(())) => done.extend(self.read_oldest()?),
+                Ok(Err(e)) => return Err(Error::Gpu(format!("reading results back: {e}"))),
+                Err(_) => break, // not finished yet
+            }
         }
         Ok(done)
     }

@@ -1,5 +1,7 @@
 //! Mergeable summaries. Sums are kept exactly, as fixed-point integers, so that the order in
-//! which rows are added — one run, or shards scored anywhere and merged — cannot change a digit.
+//! which rows are added — one run, or shards scored apart and merged — cannot change a digit.
+//! (Per-row values themselves are bit-identical across runs on the same kind of machine: same
+//! device, or same CPU instruction set and thread count.)
 
 use crate::problem::RowLoss;
 

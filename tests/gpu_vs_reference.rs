@@ -434,6 +434,12 @@ fn encode_rejects_bad_regions() {
     ] {
         assert!(ctx.encode(&mut encoder, &bad).is_err());
     }
+    // f16 logits in a buffer whose size is not a whole number of 4-byte words: refused, not a panic.
+    let odd = make(10, storage);
+    let f16_job = EncodeJob { logits: &odd, dtype: Dtype::F16, row_stride: 5, rows: 1, vocab: 5, ..job };
+    assert!(matches!(ctx.encode(&mut encoder, &f16_job), Err(xent::Error::Buffer(_))));
+    // Sizes that overflow u64 are refused too.
+    assert!(ctx.encode(&mut encoder, &EncodeJob { rows: u64::MAX / 2, row_stride: u32::MAX as u64, ..job }).is_err());
     let not_storage = make(400, wgpu::BufferUsages::COPY_DST);
     assert!(matches!(
         ctx.encode(&mut encoder, &EncodeJob { logits: &not_storage, ..job }),
@@ -504,4 +510,24 @@ fn bench_paths_agree_with_reference() {
     assert!(xent::bench::copy_ceiling(ctx, 1 << 20, 2).unwrap() > 0.0);
     assert!(xent::bench::empty_round_trip(ctx, 2).unwrap() > 0.0);
     assert!(xent::bench::upload_alone(ctx, logits, 4096).unwrap() > 0.0);
+}
+
+/// Every layout gives bit-identical results when run again: the subgroup reduction merges its
+/// partial states in a fixed order, never in the order subgroups happen to finish.
+#[test]
+fn repeated_runs_are_bit_identical() {
+    if gpu().is_none() {
+        return;
+    }
+    let (x, t) = random_case(7, 50_257, 8, 4.0);
+    let logits = Logits::f32(&x, 50_257).unwrap();
+    for (plan, ctx) in planned_gpus() {
+        let a = ctx.score(logits, Targets::I64(&t), &Options::default()).unwrap();
+        for _ in 0..3 {
+            let b = ctx.score(logits, Targets::I64(&t), &Options::default()).unwrap();
+            let same =
+                a.iter().zip(&b).all(|(a, b)| a.nll.to_bits() == b.nll.to_bits() && a.lse.to_bits() == b.lse.to_bits());
+            assert!(same, "{plan:?}: two runs differ");
+        }
+    }
 }

@@ -258,6 +258,26 @@ fn offsets_define_sequences() {
     let counts: Vec<i64> = bytemuck::pod_collect_to_vec(tokens.bytes());
     // Row 3 (= 10 / 3) is ignored by `shard`: it falls in the third span.
     assert_eq!(counts, vec![3, 0, 6]);
+    // An empty span at the end is still a sequence.
+    let trailing = d.join("trailing.npy");
+    xent::io::write_npy(&trailing, "<i8", &[4], bytemuck::cast_slice(&[0i64, 3, 10, 10])).unwrap();
+    let ps2 = d.join("seq2.jsonl");
+    ok(&xent(&[
+        "score",
+        "--logits",
+        s(&l),
+        "--targets",
+        s(&t),
+        "--device",
+        "cpu",
+        "--offsets",
+        s(&trailing),
+        "--per-sequence",
+        s(&ps2),
+    ]));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&ps2).unwrap().lines().map(json).collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[2]["tokens"], 0);
     let bad = d.join("bad.npy");
     xent::io::write_npy(&bad, "<i8", &[3], bytemuck::cast_slice(&[0i64, 5, 9])).unwrap();
     let e = err_line(&xent(&["score", "--logits", s(&l), "--targets", s(&t), "--device", "cpu", "--offsets", s(&bad)]));
@@ -379,4 +399,38 @@ fn mapped_reads_refuse_a_truncated_file() {
     std::fs::OpenOptions::new().write(true).open(&l).unwrap().set_len(1000).unwrap();
     let e = logits.mapped(0, 4000).unwrap_err();
     assert!(e.to_string().contains("changed while being read"), "{e}");
+}
+
+/// `--shift` with [B*T, V] logits and [B, T] labels takes the sequences from the labels' shape:
+/// the same results as [B, T, V] logits.
+#[test]
+fn shift_takes_sequences_from_rank2_labels() {
+    let d = dir("shift2");
+    let (b, t_len, vocab) = (3usize, 5usize, 40usize);
+    let (x, labels) = random_case(b * t_len, vocab, 6, 2.0);
+    let bytes = to_bytes(&x, Dtype::F32);
+    let tp = d.join("labels.npy");
+    xent::io::write_npy(&tp, "<i8", &[b, t_len], bytemuck::cast_slice(&labels)).unwrap();
+    let mut outs = Vec::new();
+    for (name, shape) in [("r3.npy", vec![b, t_len, vocab]), ("r2.npy", vec![b * t_len, vocab])] {
+        let lp = d.join(name);
+        xent::io::write_npy(&lp, "<f4", &shape, &bytes).unwrap();
+        let out = d.join(format!("{name}.out.npy"));
+        let summary = json(&ok(&xent(&[
+            "score",
+            "--logits",
+            s(&lp),
+            "--targets",
+            s(&tp),
+            "--shift",
+            "--device",
+            "cpu",
+            "--json",
+            "--per-token",
+            s(&out),
+        ])));
+        assert_eq!(summary["tokens"], (b * (t_len - 1)) as u64, "{name}");
+        outs.push(std::fs::read(&out).unwrap());
+    }
+    assert_eq!(outs[0], outs[1]);
 }

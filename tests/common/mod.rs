@@ -57,6 +57,9 @@ pub fn check_rows(got: &[RowLoss], want: &[RefRow], atol: f64, rtol: f64) -> Res
         if !w.ignored && !close(gl, w.lse, atol, rtol) {
             return Err(format!("row {i}: lse got {gl} want {}", w.lse));
         }
+        if g.argmax != w.argmax.map_or(u32::MAX, |a| a as u32) {
+            return Err(format!("row {i}: argmax got {} want {:?}", g.argmax, w.argmax));
+        }
         if g.ignored() != w.ignored || g.correct() != w.correct {
             return Err(format!(
                 "row {i}: flags {:#x} (argmax {}) but reference ignored={} correct={} argmax={:?}",
