@@ -119,7 +119,8 @@ impl Tensor {
         {
             match self.map.advise_range(memmap2::Advice::PopulateRead, at, len) {
                 Ok(()) => {
-                    // Populated after the check above: confirm nothing changed in between.
+                    // Population fails past the end of a shortened file, but not within its last
+                    // page (those bytes read as zeros): the stamp, checked again, catches that.
                     self.check_unchanged()?;
                     Ok(Some(&self.map[at..at + len]))
                 }
