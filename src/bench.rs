@@ -91,7 +91,9 @@ fn submit_wait(ctx: &GpuContext, encoder: wgpu::CommandEncoder) -> Result<f64> {
     let start = Instant::now();
     ctx.queue().submit([encoder.finish()]);
     ctx.device().poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
-    Ok(start.elapsed().as_secs_f64())
+    let secs = start.elapsed().as_secs_f64();
+    ctx.check_device_errors()?;
+    Ok(secs)
 }
 
 /// Uploads `bytes` into a new storage buffer in 64 MiB pieces (bounded staging memory).

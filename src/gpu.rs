@@ -172,6 +172,9 @@ pub struct GpuContext {
     workgroup_size: u32,
     max_binding: u64,
     forced_plan: Option<Plan>,
+    /// Errors the device raised outside any error scope (only collected on devices this
+    /// context created: an engine's device keeps the engine's own handler).
+    uncaptured: std::sync::Arc<Mutex<Vec<String>>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -236,7 +239,13 @@ impl GpuContext {
             })
             .await
             .map_err(|e| Error::NoAdapter(format!("{}: {e}", adapter.get_info().name)))?;
-        Ok(Self::from_device(device, queue))
+        let ctx = Self::from_device(device, queue);
+        // wgpu's default handler panics; on our own device, keep the error for the caller instead.
+        let sink = ctx.uncaptured.clone();
+        ctx.device.on_uncaptured_error(std::sync::Arc::new(move |e: wgpu::Error| {
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
+        }));
+        Ok(ctx)
     }
 
     /// Wraps a device and queue the caller already has (an inference engine's), reading its limits.
@@ -294,6 +303,7 @@ impl GpuContext {
             workgroup_size,
             max_binding,
             forced_plan: None,
+            uncaptured: Default::default(),
         }
     }
 
@@ -339,6 +349,21 @@ impl GpuContext {
             compilation_options: Default::default(),
             cache: None,
         })
+    }
+
+    /// The first device error raised outside an error scope since the last call, if any (only on
+    /// devices made by [`GpuContext::new`]).
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] with the device's message.
+    pub fn check_device_errors(&self) -> Result<()> {
+        let first = {
+            let mut errors = self.uncaptured.lock().unwrap_or_else(|p| p.into_inner());
+            let first = errors.first().cloned();
+            errors.clear();
+            first
+        };
+        first.map_or(Ok(()), |e| Err(Error::Gpu(e)))
     }
 
     /// Makes every later job use `plan` (or, with `None`, the planner's choice again).

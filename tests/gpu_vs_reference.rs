@@ -531,3 +531,22 @@ fn repeated_runs_are_bit_identical() {
         }
     }
 }
+
+/// On a device xent made, a device error outside any error scope is kept for the caller
+/// (wgpu's default would panic), so `xent bench` reports it as an error.
+#[test]
+fn uncaptured_device_errors_are_returned_not_panics() {
+    let Some(ctx) = new_gpu() else { return };
+    assert!(ctx.check_device_errors().is_ok());
+    let make = |usage| {
+        ctx.device().create_buffer(&wgpu::BufferDescriptor { label: None, size: 16, usage, mapped_at_creation: false })
+    };
+    let a = make(wgpu::BufferUsages::COPY_SRC);
+    let b = make(wgpu::BufferUsages::COPY_DST);
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(&a, 0, &b, 0, 3); // not a multiple of 4: a validation error
+    ctx.queue().submit([encoder.finish()]);
+    let _ = ctx.device().poll(wgpu::PollType::wait_indefinitely());
+    assert!(matches!(ctx.check_device_errors(), Err(xent::Error::Gpu(_))));
+    assert!(ctx.check_device_errors().is_ok(), "reported once");
+}
