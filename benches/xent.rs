@@ -9,14 +9,6 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use std::time::Duration;
 use xent::{Dtype, GpuContext, Logits, Options, Targets};
 
-fn to_bytes(x: &[f32], dtype: Dtype) -> Vec<u8> {
-    match dtype {
-        Dtype::F32 => bytemuck::cast_slice(x).to_vec(),
-        Dtype::F16 => x.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
-        Dtype::BF16 => x.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-    }
-}
-
 fn forward(c: &mut Criterion) {
     let gpu = GpuContext::new().ok();
     if gpu.is_none() {
@@ -27,7 +19,7 @@ fn forward(c: &mut Criterion) {
         [(256usize, 128_256usize, Dtype::F32), (256, 128_256, Dtype::BF16), (2048, 32_000, Dtype::F32)]
     {
         let (x, t) = xent::synth::eval_set(rows, vocab, 5, -100);
-        let bytes = to_bytes(&x, dtype);
+        let bytes = dtype.encode(&x);
         let logits = Logits::from_bytes(&bytes, dtype, rows, vocab).expect("shape");
         let targets = xent::validate_targets(Targets::I64(&t), rows, vocab, &opts).expect("targets");
         let mut group = c.benchmark_group(format!("forward/{rows}x{vocab}/{dtype}"));

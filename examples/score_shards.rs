@@ -20,7 +20,7 @@ fn main() -> Result<()> {
     let mut shards = Vec::new();
     for i in 0..4u64 {
         let (x, t) = xent::synth::eval_set(rows, vocab, i, -100);
-        let bytes: Vec<u8> = x.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+        let bytes = xent::Dtype::BF16.encode(&x);
         let logits = dir.join(format!("logits-{i:02}.safetensors"));
         let mut file = xent::io::safetensors_header("logits", "BF16", &[rows, vocab], bytes.len());
         file.extend_from_slice(&bytes);

@@ -586,15 +586,6 @@ fn json_summary(s: &Summary, device: &str, seconds: f64) -> String {
     )
 }
 
-/// Converts generated f32 logits to `dtype` bytes.
-fn to_bytes(x: &[f32], dtype: Dtype) -> Vec<u8> {
-    match dtype {
-        Dtype::F32 => bytemuck::cast_slice(x).to_vec(),
-        Dtype::F16 => x.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
-        Dtype::BF16 => x.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-    }
-}
-
 fn time<T>(iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
     f()?; // warm-up
     let mut times = Vec::with_capacity(iters);
@@ -669,7 +660,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         for &vocab in &a.vocab {
             for &rows in &a.rows {
                 let (x, t) = xent::synth::eval_set(rows, vocab, 7, -100);
-                let bytes = to_bytes(&x, dtype);
+                let bytes = dtype.encode(&x);
                 drop(x);
                 let logits = Logits::from_bytes(&bytes, dtype, rows, vocab)?;
                 let targets = xent::validate_targets(Targets::I64(&t), rows, vocab, &opts)?;
@@ -941,7 +932,7 @@ fn gen(a: &GenArgs) -> Result<()> {
         let n = block.min(a.rows - r0);
         x.resize(n * a.vocab, 0f32);
         generator.fill(r0, &mut x, &mut targets[r0..r0 + n]);
-        lw.write(&to_bytes(&x, dtype))?;
+        lw.write(&dtype.encode(&x))?;
     }
     let tb: &[u8] = bytemuck::cast_slice(&targets);
     let mut tw = xent::io::AtomicWriter::create(&a.targets)?;

@@ -31,6 +31,16 @@ impl Dtype {
         }
     }
 
+    /// Encodes f32 values as little-endian bytes of this type (rounding to nearest for 16-bit
+    /// types): how generated or converted logits become a [`Logits`] of another dtype.
+    pub fn encode(self, x: &[f32]) -> Vec<u8> {
+        match self {
+            Dtype::F32 => bytemuck::cast_slice(x).to_vec(),
+            Dtype::F16 => x.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+            Dtype::BF16 => x.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+        }
+    }
+
     /// Decodes element `i` of little-endian `bytes` as f32. Used by the reference: plain, not fast.
     pub(crate) fn get(self, bytes: &[u8], i: usize) -> f32 {
         match self {

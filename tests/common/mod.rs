@@ -75,11 +75,7 @@ pub fn check_rows(got: &[RowLoss], want: &[RefRow], atol: f64, rtol: f64) -> Res
 
 /// f32 values as bytes of `dtype`.
 pub fn to_bytes(x: &[f32], dtype: Dtype) -> Vec<u8> {
-    match dtype {
-        Dtype::F32 => bytemuck::cast_slice(x).to_vec(),
-        Dtype::F16 => x.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
-        Dtype::BF16 => x.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-    }
+    dtype.encode(x)
 }
 
 /// Random logits with a given spread and targets in range, deterministic per seed.
