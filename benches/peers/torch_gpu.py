@@ -69,7 +69,8 @@ def main():
     compiled = None
     if not a.no_compile:
         try:
-            compiled = torch.compile(lambda x, t: F.cross_entropy(x, t, reduction="none"))
+            # dynamic=True: one compilation per dtype rather than per shape, to fit a short GPU session.
+            compiled = torch.compile(lambda x, t: F.cross_entropy(x, t, reduction="none"), dynamic=True)
         except Exception as e:  # noqa: BLE001 - report and go on without it
             print(f"torch.compile unavailable: {e}", file=sys.stderr)
 
