@@ -3,8 +3,9 @@
 //! [`Stream`] or on the CPU, and folded into a [`Summary`], per-token and per-sequence results.
 //!
 //! Chunks restart at the first row of every shard, so a row is scored in exactly the same chunk
-//! position whether its shard is scored alone or with others: per-row results, and therefore
-//! merged summaries, are identical to the bit.
+//! position whether its shard is scored alone or with others: on one machine (same device, same
+//! CPU instruction set and thread count) per-row results, and therefore merged summaries, are
+//! identical to the bit. Across machines they agree to the tolerance of the tests, not the bit.
 
 use std::sync::mpsc;
 
@@ -408,6 +409,8 @@ fn prepare(shards: &[Shard], layout: &Layout, opts: &EvalOptions) -> Result<(Vec
         let labels = s.targets.targets()?;
         let kernel = validate_targets(labels, rows, layout.vocab, &opts.options)
             .map_err(|e| Error::File { path: s.targets.name.clone(), reason: e.to_string() })?;
+        // The targets were read through the map: a file rewritten meanwhile is an error.
+        s.targets.check_unchanged()?;
         // Sequence of each row: explicit offsets, else T of [B, T, V] logits or [B, T] targets,
         // else the whole shard.
         let seq_len = match (&s.logits.shape[..], &s.targets.shape[..]) {
@@ -428,7 +431,11 @@ fn prepare(shards: &[Shard], layout: &Layout, opts: &EvalOptions) -> Result<(Vec
         if opts.offsets.is_none() {
             seq_base += rows.div_ceil(seq_len) as u64;
         }
-        out.push(Prepared { first_row, targets, dropped, sequence: sequence.iter().map(|&q| q as u32).collect() });
+        let sequence =
+            sequence.iter().map(|&q| u32::try_from(q)).collect::<std::result::Result<Vec<u32>, _>>().map_err(|_| {
+                Error::Shape("more than 2^32 sequences (rows of rank-3 logits or offsets spans)".into())
+            })?;
+        out.push(Prepared { first_row, targets, dropped, sequence });
         first_row += rows as u64;
     }
     let sequences = match &opts.offsets {

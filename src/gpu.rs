@@ -243,7 +243,11 @@ impl GpuContext {
         // wgpu's default handler panics; on our own device, keep the error for the caller instead.
         let sink = ctx.uncaptured.clone();
         ctx.device.on_uncaptured_error(std::sync::Arc::new(move |e: wgpu::Error| {
-            sink.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
+            // Only the first error is kept: it is the cause, and the store stays bounded.
+            let mut errors = sink.lock().unwrap_or_else(|p| p.into_inner());
+            if errors.is_empty() {
+                errors.push(e.to_string());
+            }
         }));
         Ok(ctx)
     }
@@ -409,7 +413,15 @@ impl GpuContext {
             } else {
                 1
             };
-        let split = if rows_per_workgroup == 1 { plan.split.clamp(1, vocab.div_ceil(8)) } else { 1 };
+        // Parts of at least 8 logits, and few enough that the partial results of every row fit in
+        // one binding and the workgroups in one dispatch grid.
+        let max_parts =
+            (self.device.limits().max_storage_buffer_binding_size / PARTIAL_BYTES).min(65_535 * 65_535) / rows.max(1);
+        let split = if rows_per_workgroup == 1 {
+            plan.split.clamp(1, vocab.div_ceil(8)).min(max_parts.clamp(1, u64::from(u32::MAX)) as u32)
+        } else {
+            1
+        };
         let reduction =
             if self.has_subgroups() && rows_per_workgroup == 1 { plan.reduction } else { Reduction::Workgroup };
         Plan { reduction, rows_per_workgroup, split }
@@ -671,7 +683,8 @@ impl GpuContext {
         let offset = start / align * align;
         let end = end.next_multiple_of(4).min(buffer.size());
         // At least 16 bytes where the buffer has them: the vec4 view of the logits needs one whole element.
-        let size = (end - offset).max(16.min(buffer.size() - offset));
+        // Rounded down to whole words (a storage binding's size must be): the bytes needed are.
+        let size = (end - offset).max(16.min(buffer.size() - offset)) / 4 * 4;
         Window { offset, size, first: (start - offset) / unit }
     }
 

@@ -125,7 +125,7 @@ impl Tensor {
                     Ok(Some(&self.map[at..at + len]))
                 }
                 Err(e) if e.raw_os_error() == Some(libc_einval()) => Ok(None),
-                Err(_) => Err(self.err("file was truncated while being read")),
+                Err(e) => Err(self.err(format!("file was truncated or unreadable while being read ({e})"))),
             }
         }
         #[cfg(not(target_os = "linux"))]
@@ -248,6 +248,15 @@ impl Tensor {
 /// In a `.safetensors` file with several tensors and no `key`, the tensor is chosen by the first
 /// of `default_keys` present (for example `logits`, or `targets`/`labels`).
 ///
+/// # The file must not change while the tensor is in use
+/// The file is memory-mapped, and [`Tensor::bytes`], [`Tensor::logits`] and [`Tensor::mapped`]
+/// hand out slices of the mapping. Another process rewriting the file in place changes those
+/// bytes under the reader (results are then meaningless; [`Tensor::read_data`] and
+/// [`Tensor::mapped`] check the file's length and modification time and report a change they
+/// see as an error), and truncating it makes reads past the new end raise SIGBUS, which
+/// kills a process that does not handle it (the `xent` binary turns it into a one-line error).
+/// Write evaluation files once and score them afterwards, as every tool that maps files expects.
+///
 /// # Errors
 /// [`Error::Io`] if the file cannot be opened; [`Error::File`] for an unknown extension, a
 /// malformed header, a truncated file or a missing tensor.
@@ -259,8 +268,10 @@ pub fn open(path: &Path, key: Option<&str>, default_keys: &[&str]) -> Result<Ten
         return Err(Error::File { path: display, reason: "is a directory, not a tensor file".into() });
     }
     let stamp = Stamp::of(&file).map_err(io)?;
-    // SAFETY: the map is read-only and is used for headers and small tensors; large tensors
-    // are read with `read_data`, which checks the file has not changed first.
+    // SAFETY: the map is read-only. Its contents can still change if another process writes the
+    // file: that is the documented contract of this function (see "The file must not change"),
+    // and the readers of large tensors (`read_data`, `mapped`) check the file's stamp around
+    // each read so that a change they observe is an error rather than a silent mix.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
     // Best effort: where the page cache holds the file in 2 MiB folios (as after reading it from
     // disk), this lets the kernel map each one with a single page-table entry instead of 512.
@@ -439,10 +450,19 @@ pub fn write_npy_f32(path: &Path, data: &[f32]) -> Result<()> {
 /// # Errors
 /// [`Error::Io`] on any write failure.
 pub fn write_npy(path: &Path, descr: &str, shape: &[usize], bytes: &[u8]) -> Result<()> {
+    stage_npy(path, descr, shape, bytes)?.finish()
+}
+
+/// [`write_npy`] without the final rename: the file is written under its temporary name, and
+/// appears at `path` when the returned writer is finished (see [`commit_all`]).
+///
+/// # Errors
+/// [`Error::Io`] on any write failure.
+pub fn stage_npy(path: &Path, descr: &str, shape: &[usize], bytes: &[u8]) -> Result<AtomicWriter> {
     let mut w = AtomicWriter::create(path)?;
     w.write(&npy_header(descr, shape))?;
     w.write(bytes)?;
-    w.finish()
+    Ok(w)
 }
 
 /// The header of a version 1.0 `.npy` file, padded so the data starts on a 64-byte boundary.
@@ -492,8 +512,12 @@ impl AtomicWriter {
     pub fn create(path: &Path) -> Result<Self> {
         let io = |error| Error::Io { path: path.display().to_string(), error };
         let name = path.file_name().ok_or_else(|| io(std::io::Error::other("not a file name")))?;
-        let tmp = path.with_file_name(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-        let file = std::fs::File::create(&tmp).map_err(io)?;
+        // Unique per process and per writer, and never an existing file: two writers aimed at
+        // the same path cannot share (and truncate) one temporary file.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_file_name(format!(".{}.tmp{}-{n}", name.to_string_lossy(), std::process::id()));
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io)?;
         Ok(AtomicWriter { path: path.to_path_buf(), tmp, file: Some(std::io::BufWriter::with_capacity(1 << 20, file)) })
     }
 
@@ -513,22 +537,43 @@ impl AtomicWriter {
         }
     }
 
+    /// Flushes and syncs the temporary file, so that only the rename is left to do.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the final path.
+    pub fn sync(&mut self) -> Result<()> {
+        use std::io::Write;
+        let done = match self.file.as_mut() {
+            Some(f) => f.flush().and_then(|()| f.get_ref().sync_all()),
+            None => Err(std::io::Error::other("already finished")),
+        };
+        done.map_err(|e| self.io(e))
+    }
+
     /// Flushes, syncs and renames the file into place.
     ///
     /// # Errors
     /// [`Error::Io`] naming the final path; the temporary file is removed.
     pub fn finish(mut self) -> Result<()> {
-        let Some(f) = self.file.take() else { return Ok(()) };
-        let done = f
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|f| f.sync_all())
-            .and_then(|()| std::fs::rename(&self.tmp, &self.path));
-        done.map_err(|e| {
+        self.sync()?;
+        self.file = None;
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| {
             let _ = std::fs::remove_file(&self.tmp);
             self.io(e)
         })
     }
+}
+
+/// Finishes several files together: every one is synced before any is renamed, so a failure
+/// (a full disk, say) leaves none of them at their paths rather than some.
+///
+/// # Errors
+/// The first [`Error::Io`]; every temporary file not yet renamed is removed.
+pub fn commit_all(mut writers: Vec<AtomicWriter>) -> Result<()> {
+    for w in &mut writers {
+        w.sync()?;
+    }
+    writers.into_iter().try_for_each(AtomicWriter::finish)
 }
 
 impl Drop for AtomicWriter {
@@ -545,7 +590,15 @@ impl Drop for AtomicWriter {
 /// # Errors
 /// [`Error::Io`] naming `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    stage(path, bytes)?.finish()
+}
+
+/// [`write_atomic`] without the final rename (see [`commit_all`]).
+///
+/// # Errors
+/// [`Error::Io`] naming `path`.
+pub fn stage(path: &Path, bytes: &[u8]) -> Result<AtomicWriter> {
     let mut w = AtomicWriter::create(path)?;
     w.write(bytes)?;
-    w.finish()
+    Ok(w)
 }

@@ -219,18 +219,29 @@ fn main() -> ExitCode {
 fn on_sigbus_exit_cleanly() {
     #[cfg(target_os = "linux")]
     {
-        extern "C" fn handler(_: libc::c_int) {
+        /// `si_code` of a SIGBUS for an access to a nonexistent part of a mapped object (Linux's
+        /// asm-generic/siginfo.h; the libc crate does not export it for Linux).
+        const BUS_ADRERR: libc::c_int = 2;
+        extern "C" fn handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
             const MSG: &[u8] = b"xent: error: an input file was truncated or replaced while being read (SIGBUS)\n";
-            // SAFETY: write(2) and _exit(2) are async-signal-safe.
+            // SAFETY: the kernel passes a valid siginfo_t with SA_SIGINFO; write(2), _exit(2) and
+            // signal(2) are async-signal-safe.
             unsafe {
-                libc::write(2, MSG.as_ptr().cast(), MSG.len());
-                libc::_exit(1);
+                if (*info).si_code == BUS_ADRERR {
+                    libc::write(2, MSG.as_ptr().cast(), MSG.len());
+                    libc::_exit(1);
+                }
+                // Any other bus error (a hardware memory error, a misaligned access) is not ours
+                // to explain: restore the default action, and returning re-raises it.
+                libc::signal(libc::SIGBUS, libc::SIG_DFL);
             }
         }
         // SAFETY: installs a handler that only calls async-signal-safe functions.
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = handler as extern "C" fn(libc::c_int) as usize;
+            action.sa_sigaction =
+                handler as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) as usize;
+            action.sa_flags = libc::SA_SIGINFO;
             libc::sigemptyset(&mut action.sa_mask);
             libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
         }
@@ -283,6 +294,11 @@ fn score(a: &ScoreArgs) -> Result<()> {
     check(&a.per_token, "--per-token", &[Kind::Npy, Kind::Safetensors])?;
     check(&a.per_sequence, "--per-sequence", &[Kind::Jsonl, Kind::Safetensors])?;
     check(&a.summary_out, "--summary-out", &[Kind::Json])?;
+    distinct_outputs(&[
+        ("--per-token", a.per_token.as_deref()),
+        ("--per-sequence", a.per_sequence.as_deref()),
+        ("--summary-out", a.summary_out.as_deref()),
+    ])?;
     let gpu = pick_device(a.device)?;
     // Timed from opening the inputs to the last result (device creation excluded, as documented).
     let start = Instant::now();
@@ -327,16 +343,19 @@ fn score(a: &ScoreArgs) -> Result<()> {
     let result = result?;
     let seconds = start.elapsed().as_secs_f64();
     let device = if gpu.is_some() { "gpu" } else { "cpu" };
+    // Every output is written in full before any appears at its path.
+    let mut outputs = Vec::new();
     if let (Some(path), Some(pt)) = (&a.per_token, &result.per_token) {
-        write_per_token(path, pt)?;
+        outputs.push(stage_per_token(path, pt)?);
     }
     if let (Some(path), Some(seqs)) = (&a.per_sequence, &result.per_sequence) {
-        write_per_sequence(path, seqs)?;
+        outputs.push(stage_per_sequence(path, seqs)?);
     }
     let json = json_summary(&result.summary, device, seconds);
     if let Some(path) = &a.summary_out {
-        xent::io::write_atomic(path, format!("{json}\n").as_bytes())?;
+        outputs.push(xent::io::stage(path, format!("{json}\n").as_bytes())?);
     }
+    xent::io::commit_all(outputs)?;
     let text = human_summary(&result.summary, device, seconds);
     if a.json {
         eprint!("{text}");
@@ -434,9 +453,23 @@ fn progress_bar(total: u64, visible: bool) -> indicatif::ProgressBar {
     bar
 }
 
-fn write_per_token(path: &Path, pt: &xent::eval::PerToken) -> Result<()> {
-    match output_kind(path)? {
-        Kind::Npy => xent::io::write_npy_f32(path, &pt.nll)?,
+/// Refuses two output flags naming one file (one would silently replace the other).
+fn distinct_outputs(outputs: &[(&str, Option<&Path>)]) -> Result<()> {
+    let given: Vec<(&str, PathBuf)> = outputs
+        .iter()
+        .filter_map(|(flag, p)| p.map(|p| (*flag, std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))))
+        .collect();
+    for (i, (flag, p)) in given.iter().enumerate() {
+        if let Some((other, _)) = given[..i].iter().find(|(_, q)| q == p) {
+            bail!("{}: {other} and {flag} name the same file", p.display());
+        }
+    }
+    Ok(())
+}
+
+fn stage_per_token(path: &Path, pt: &xent::eval::PerToken) -> Result<xent::io::AtomicWriter> {
+    Ok(match output_kind(path)? {
+        Kind::Npy => xent::io::stage_npy(path, "<f4", &[pt.nll.len()], bytemuck::cast_slice(&pt.nll))?,
         Kind::Safetensors => {
             let n = pt.nll.len();
             let tensors = [
@@ -444,15 +477,14 @@ fn write_per_token(path: &Path, pt: &xent::eval::PerToken) -> Result<()> {
                 ("lse", safetensors::Dtype::F32, bytemuck::cast_slice(&pt.lse)),
                 ("nll", safetensors::Dtype::F32, bytemuck::cast_slice(&pt.nll)),
             ];
-            write_safetensors(path, &tensors.map(|(name, d, b)| (name, d, vec![n], b)))?;
+            stage_safetensors(path, &tensors.map(|(name, d, b)| (name, d, vec![n], b)))?
         }
         _ => bail!("{}: --per-token writes .npy or .safetensors", path.display()),
-    }
-    Ok(())
+    })
 }
 
-fn write_per_sequence(path: &Path, seqs: &[xent::eval::SequenceResult]) -> Result<()> {
-    match output_kind(path)? {
+fn stage_per_sequence(path: &Path, seqs: &[xent::eval::SequenceResult]) -> Result<xent::io::AtomicWriter> {
+    Ok(match output_kind(path)? {
         Kind::Jsonl => {
             let mut text = String::new();
             for s in seqs {
@@ -463,36 +495,37 @@ fn write_per_sequence(path: &Path, seqs: &[xent::eval::SequenceResult]) -> Resul
                     s.is_greedy
                 ));
             }
-            xent::io::write_atomic(path, text.as_bytes())?;
+            xent::io::stage(path, text.as_bytes())?
         }
         Kind::Safetensors => {
             let tokens: Vec<i64> = seqs.iter().map(|s| s.tokens as i64).collect();
             let sums: Vec<f64> = seqs.iter().map(|s| s.sum_logprob).collect();
             let greedy: Vec<u8> = seqs.iter().map(|s| u8::from(s.is_greedy)).collect();
             let n = vec![seqs.len()];
-            write_safetensors(
+            stage_safetensors(
                 path,
                 &[
                     ("is_greedy", safetensors::Dtype::U8, n.clone(), &greedy[..]),
                     ("sum_logprob", safetensors::Dtype::F64, n.clone(), bytemuck::cast_slice(&sums)),
                     ("tokens", safetensors::Dtype::I64, n, bytemuck::cast_slice(&tokens)),
                 ],
-            )?;
+            )?
         }
         _ => bail!("{}: --per-sequence writes .jsonl or .safetensors", path.display()),
-    }
-    Ok(())
+    })
 }
 
-fn write_safetensors(path: &Path, tensors: &[(&str, safetensors::Dtype, Vec<usize>, &[u8])]) -> Result<()> {
+fn stage_safetensors(
+    path: &Path,
+    tensors: &[(&str, safetensors::Dtype, Vec<usize>, &[u8])],
+) -> Result<xent::io::AtomicWriter> {
     let views = tensors
         .iter()
         .map(|(name, d, shape, b)| Ok((name.to_string(), safetensors::tensor::TensorView::new(*d, shape.clone(), b)?)))
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let bytes = safetensors::serialize(views, None).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    xent::io::write_atomic(path, &bytes)?;
-    Ok(())
+    Ok(xent::io::stage(path, &bytes)?)
 }
 
 fn merge(a: &MergeArgs) -> Result<()> {
@@ -636,7 +669,10 @@ fn bench(a: &BenchArgs) -> Result<()> {
         None
     };
     let want_cpu = matches!(a.device, BenchDevice::Cpu | BenchDevice::All) || gpu.is_none();
-    let largest = a.rows.iter().max().copied().unwrap_or(1) * a.vocab.iter().max().copied().unwrap_or(1) * 4;
+    let largest = (a.rows.iter().max().copied().unwrap_or(1))
+        .checked_mul(a.vocab.iter().max().copied().unwrap_or(1))
+        .and_then(|n| n.checked_mul(4))
+        .context("--rows x --vocab overflows")?;
     // Ceilings: a copy of at least 256 MiB (several times any L2) and the CPU reading as much.
     let probe = (largest as u64).clamp(256 << 20, 1 << 30);
     let ceilings = Ceilings {
@@ -818,6 +854,7 @@ fn demo(a: &DemoArgs) -> Result<()> {
     if a.vocab == 0 || a.rows == 0 {
         bail!("--rows and --vocab must be at least 1");
     }
+    a.rows.checked_mul(a.vocab).and_then(|n| n.checked_mul(4)).context("--rows x --vocab overflows")?;
     let opts = Options::default();
     println!(
         "xent demo: generating {} rows x {} vocab of Zipf-like logits (f32, {:.1} MB), seed {}",
@@ -907,6 +944,7 @@ fn gen(a: &GenArgs) -> Result<()> {
             bail!("{}: unknown extension: expected .npy or .safetensors", p.display());
         }
     }
+    distinct_outputs(&[("--logits", Some(&a.logits)), ("--targets", Some(&a.targets))])?;
     if dtype == Dtype::BF16 && is_npy(&a.logits) {
         bail!("{}: .npy has no bf16 dtype; write bf16 logits to a .safetensors file", a.logits.display());
     }
@@ -942,8 +980,7 @@ fn gen(a: &GenArgs) -> Result<()> {
         xent::io::npy_header("<i8", &[a.rows])
     })?;
     tw.write(tb)?;
-    lw.finish()?;
-    tw.finish()?;
+    xent::io::commit_all(vec![lw, tw])?;
     eprintln!("xent gen: wrote {} ({} x {} {dtype}) and {}", a.logits.display(), a.rows, a.vocab, a.targets.display());
     Ok(())
 }

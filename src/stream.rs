@@ -218,6 +218,9 @@ impl<'c> Stream<'c> {
 
     /// Reads the oldest chunk, whose mapping has resolved.
     fn read_oldest(&mut self) -> Result<Vec<RowLoss>> {
+        // On a device of our own, an error (a failed chunk) lands in the context's store rather
+        // than a scope: report it instead of reading a readback buffer the chunk never wrote.
+        self.ctx.check_device_errors()?;
         let Some(f) = self.in_flight.pop_front() else { return Ok(Vec::new()) };
         let slot = &self.slots[f.slot];
         let bytes = f.rows * ROW_LOSS_BYTES;

@@ -37,9 +37,12 @@ impl Rng {
 }
 
 /// Generates `rows x vocab` f32 logits and one i64 target per row (see [`Generator`]).
+///
+/// # Panics
+/// If `rows * vocab` overflows `usize` (or the allocation fails).
 pub fn eval_set(rows: usize, vocab: usize, seed: u64, ignore_index: i64) -> (Vec<f32>, Vec<i64>) {
     let gen = Generator::new(vocab, seed, ignore_index);
-    let mut logits = vec![0f32; rows * vocab];
+    let mut logits = vec![0f32; rows.checked_mul(vocab).expect("rows * vocab overflows usize")];
     let mut targets = vec![0i64; rows];
     gen.fill(0, &mut logits, &mut targets);
     (logits, targets)

@@ -244,6 +244,40 @@ fn bad_inputs_give_one_line_errors() {
     assert_fails(&p("x.csv"), &good_t, &[], &["x.csv", "unknown extension"]);
 }
 
+/// Outputs appear all together or not at all, and two flags may not name one file.
+#[test]
+fn outputs_are_all_or_nothing() {
+    let d = dir("outputs");
+    let (x, t) = random_case(4, 10, 15, 1.0);
+    let l = npy(&d.join("l.npy"), "<f4", &[4, 10], bytemuck::cast_slice(&x));
+    let tg = npy(&d.join("t.npy"), "<i8", &[4], bytemuck::cast_slice(&t));
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let base = ["score", "--logits", &l, "--targets", &tg, "--device", "cpu"];
+
+    // The summary cannot be written (its folder is missing): the per-token file, written first
+    // in full, must not appear either, and no temporary file may be left.
+    let o = run(&[&base[..], &["--per-token", &p("pt.npy"), "--summary-out", &p("missing/s.json")]].concat());
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("s.json"), "{}", stderr(&o));
+    let left: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 2, "only the inputs may remain: {left:?}");
+
+    // Two outputs naming one file.
+    let same = p("same.safetensors");
+    let o = run(&[&base[..], &["--per-token", &same, "--per-sequence", &same]].concat());
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--per-token and --per-sequence name the same file"), "{}", stderr(&o));
+    let o = run(&["gen", "--rows", "2", "--vocab", "3", "--logits", &same, "--targets", &same]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--logits and --targets name the same file"), "{}", stderr(&o));
+    assert!(!Path::new(&same).exists());
+
+    // The same run with a writable summary path writes both.
+    let o = run(&[&base[..], &["--per-token", &p("pt.npy"), "--summary-out", &p("s.json")]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(d.join("pt.npy").exists() && d.join("s.json").exists());
+}
+
 #[test]
 fn bad_flags_are_refused() {
     let o = run(&["score", "--logits", "a.npy"]);

@@ -550,3 +550,44 @@ fn uncaptured_device_errors_are_returned_not_panics() {
     assert!(matches!(ctx.check_device_errors(), Err(xent::Error::Gpu(_))));
     assert!(ctx.check_device_errors().is_ok(), "reported once");
 }
+
+/// Caller buffers whose sizes are not multiples of 4 (allowed by wgpu) still bind: a binding's
+/// size is rounded down to whole words, which still covers the job.
+#[test]
+fn encode_accepts_buffers_of_odd_sizes() {
+    let Some(ctx) = new_gpu() else { return };
+    let device = ctx.device();
+    use wgpu::BufferUsages as U;
+    let make = |size, usage| {
+        device.create_buffer(&wgpu::BufferDescriptor { label: None, size, usage, mapped_at_creation: false })
+    };
+    let x = [0.5f32, -1.0, 2.0, 0.25, 1.5];
+    let logits = make(22, U::STORAGE | U::COPY_DST);
+    ctx.queue().write_buffer(&logits, 0, bytemuck::cast_slice(&x));
+    let targets = make(6, U::STORAGE | U::COPY_DST);
+    ctx.queue().write_buffer(&targets, 0, bytemuck::bytes_of(&3u32));
+    let output = make(18, U::STORAGE | U::COPY_SRC);
+    let read = make(16, U::MAP_READ | U::COPY_DST);
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let job = EncodeJob {
+        logits: &logits,
+        logits_offset: 0,
+        dtype: Dtype::F32,
+        row_stride: 5,
+        rows: 1,
+        vocab: 5,
+        targets: &targets,
+        targets_offset: 0,
+        ignore: None,
+        output: &output,
+        output_offset: 0,
+    };
+    ctx.encode(&mut encoder, &job).unwrap();
+    encoder.copy_buffer_to_buffer(&output, 0, &read, 0, 16);
+    ctx.queue().submit([encoder.finish()]);
+    let mut out = [RowLoss { nll: 0.0, lse: 0.0, argmax: 0, flags: 0 }];
+    xent::read_buffer(device, &read, 16, bytemuck::cast_slice_mut(&mut out)).unwrap();
+    ctx.check_device_errors().unwrap();
+    let want = xent::reference::score(Logits::f32(&x, 5).unwrap(), Targets::U32(&[3]), &Options::default()).unwrap();
+    check_rows(&out, &want, ATOL, RTOL).unwrap();
+}
