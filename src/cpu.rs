@@ -215,15 +215,21 @@ unsafe fn scan_avx512(dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Partial {
     match dtype {
         // SAFETY (all closures): this function runs only where AVX-512F and F16C exist, and the
         // block loaders are given 32-byte slices.
-        Dtype::F32 => {
-            scan_typed::<true, 4>(bytes, ahead, get_f32, block_of::<4>(get_f32), |x| unsafe { exp16_avx512(x) })
-        }
+        Dtype::F32 => scan_typed::<true, 4>(
+            bytes,
+            ahead,
+            get_f32,
+            block_of::<4>(get_f32),
+            |x| unsafe { exp16_avx512(x) },
+            |b, n| max_pass::<4>(b, n, block_of::<4>(get_f32)),
+        ),
         Dtype::BF16 => scan_typed::<true, 2>(
             bytes,
             ahead,
             get_bf16,
             |b| unsafe { bf16x16_avx512(b) },
             |x| unsafe { exp16_avx512(x) },
+            |b, n| unsafe { bf16_max_pass_avx512(b, n) },
         ),
         Dtype::F16 => scan_typed::<true, 2>(
             bytes,
@@ -231,6 +237,7 @@ unsafe fn scan_avx512(dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Partial {
             get_f16,
             |b| unsafe { f16x16_avx512(b) },
             |x| unsafe { exp16_avx512(x) },
+            |b, n| max_pass::<2>(b, n, |v| unsafe { f16x16_avx512(v) }),
         ),
     }
 }
@@ -240,10 +247,18 @@ unsafe fn scan_avx512(dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Partial {
 unsafe fn scan_avx2(dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Partial {
     use x86::*;
     match dtype {
-        Dtype::F32 => scan_typed::<true, 4>(bytes, ahead, get_f32, block_of::<4>(get_f32), exp16::<true>),
+        Dtype::F32 => scan_typed::<true, 4>(bytes, ahead, get_f32, block_of::<4>(get_f32), exp16::<true>, |b, n| {
+            max_pass::<4>(b, n, block_of::<4>(get_f32))
+        }),
         // SAFETY: this function runs only where AVX2 and F16C exist; slices are 32 bytes.
-        Dtype::BF16 => scan_typed::<true, 2>(bytes, ahead, get_bf16, |b| unsafe { bf16x16_avx2(b) }, exp16::<true>),
-        Dtype::F16 => scan_typed::<true, 2>(bytes, ahead, get_f16, |b| unsafe { f16x16_avx2(b) }, exp16::<true>),
+        Dtype::BF16 => {
+            let load = |b: &[u8]| unsafe { bf16x16_avx2(b) };
+            scan_typed::<true, 2>(bytes, ahead, get_bf16, load, exp16::<true>, |b, n| max_pass::<2>(b, n, load))
+        }
+        Dtype::F16 => {
+            let load = |b: &[u8]| unsafe { f16x16_avx2(b) };
+            scan_typed::<true, 2>(bytes, ahead, get_f16, load, exp16::<true>, |b, n| max_pass::<2>(b, n, load))
+        }
     }
 }
 
@@ -314,9 +329,81 @@ mod x86 {
         let ti = _mm512_castps_si512(t);
         let table: __m512 = std::mem::transmute(EXP2_SIXTEENTHS);
         let tab = _mm512_permutexvar_ps(ti, table);
-        let n = _mm512_srai_epi32::<4>(_mm512_sub_epi32(ti, _mm512_set1_epi32(SHIFTER.to_bits() as i32)));
+        // n = k >> 4 from the bits of t = SHIFTER + k: they are SHIFTER's bits plus k, and
+        // SHIFTER's bits shifted right 4 then left 23 leave nothing in 32 bits, so no subtraction.
+        let n = _mm512_srai_epi32::<4>(ti);
         let scaled = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(tab), _mm512_slli_epi32::<23>(n)));
         std::mem::transmute(_mm512_fmadd_ps(scaled, q, scaled))
+    }
+
+    /// Pass 1 for bf16 on AVX-512BW, on the raw 16-bit patterns, 32 at a time: the same results
+    /// as [`super::max_pass`] over the first `full` 16-lane vectors, at about half the work.
+    ///
+    /// A bf16 pattern `b` maps to an integer that orders like the value it encodes: its
+    /// magnitude bits, negated when the sign bit is set (so -0 and +0 both map to 0, equal as
+    /// floats are). In that order +inf is 0x7f80 and positive NaNs lie above it; -inf is -0x7f80
+    /// and negative NaNs lie below it. So one integer max and one min give the max and the
+    /// NaN/+inf check (the max is only used when there is no NaN).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    pub unsafe fn bf16_max_pass_avx512(bytes: &[u8], full: usize) -> (f32, bool, usize) {
+        use super::{BLOCK, LANES};
+        debug_assert!(bytes.len() >= full * LANES * 2);
+        const NEG_INF_ORDERED: i16 = -0x7f80;
+        let ordered = |v: __m512i| {
+            // sign = 0 or -1; (v & 0x7fff) ^ sign, minus sign: the magnitude, negated if sign.
+            let sign = _mm512_srai_epi16::<15>(v);
+            _mm512_sub_epi16(_mm512_ternarylogic_epi32::<0x6c>(v, sign, _mm512_set1_epi16(0x7fff)), sign)
+        };
+        let p = bytes.as_ptr();
+        let mut hi = _mm512_set1_epi16(NEG_INF_ORDERED);
+        let mut lo = _mm512_set1_epi16(NEG_INF_ORDERED);
+        let (mut best, mut best_block) = (NEG_INF_ORDERED, 0);
+        let pairs = full / 2;
+        // BLOCK vectors of 16 are BLOCK / 2 of 32.
+        for (blk, i0) in (0..pairs).step_by(BLOCK / 2).enumerate() {
+            for i in i0..(i0 + BLOCK / 2).min(pairs) {
+                // SAFETY: pair i covers bytes [64 i, 64 i + 64), inside the first `full` vectors.
+                let v = ordered(unsafe { _mm512_loadu_si512(p.add(i * 64).cast()) });
+                hi = _mm512_max_epi16(hi, v);
+                lo = _mm512_min_epi16(lo, v);
+            }
+            let h = horizontal_max(hi);
+            if h > best {
+                (best, best_block) = (h, blk);
+            }
+        }
+        if full % 2 == 1 {
+            // The odd last vector: 16 patterns, the other lanes -inf (neutral for both tests).
+            // SAFETY: the vector lies inside the first `full` vectors.
+            let v = unsafe {
+                _mm512_mask_loadu_epi16(_mm512_set1_epi16(0xff80u16 as i16), 0xffff, p.add(pairs * 64).cast())
+            };
+            let v = ordered(v);
+            hi = _mm512_max_epi16(hi, v);
+            lo = _mm512_min_epi16(lo, v);
+            let h = horizontal_max(hi);
+            if h > best {
+                (best, best_block) = (h, (full - 1) / BLOCK);
+            }
+        }
+        let lowest = lanes(lo).into_iter().min().unwrap_or(NEG_INF_ORDERED);
+        let bad = best >= 0x7f80 || lowest < NEG_INF_ORDERED;
+        // Back from the order to the pattern, then to f32.
+        let pattern = if best < 0 { best.unsigned_abs() | 0x8000 } else { best as u16 };
+        (f32::from_bits(u32::from(pattern) << 16), bad, best_block)
+    }
+
+    /// The 32 signed 16-bit lanes of `v`.
+    #[inline(always)]
+    fn lanes(v: __m512i) -> [i16; 32] {
+        // SAFETY: both types are 64 bytes of plain integers.
+        unsafe { std::mem::transmute(v) }
+    }
+
+    #[inline(always)]
+    fn horizontal_max(v: __m512i) -> i16 {
+        lanes(v).into_iter().max().unwrap_or(i16::MIN)
     }
 
     #[target_feature(enable = "avx2")]
@@ -360,10 +447,16 @@ fn block_of<const N: usize>(get: impl Fn(&[u8]) -> f32 + Copy) -> impl Fn(&[u8])
 #[inline(always)]
 fn scan_generic<const FMA: bool>(dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Partial {
     match dtype {
-        Dtype::F32 => scan_typed::<FMA, 4>(bytes, ahead, get_f32, block_of::<4>(get_f32), exp16::<FMA>),
-        Dtype::BF16 => scan_typed::<FMA, 2>(bytes, ahead, get_bf16, block_of::<2>(get_bf16), exp16::<FMA>),
-        Dtype::F16 => scan_typed::<FMA, 2>(bytes, ahead, get_f16, block_of::<2>(get_f16), exp16::<FMA>),
+        Dtype::F32 => typed_generic::<FMA, 4>(bytes, ahead, get_f32),
+        Dtype::BF16 => typed_generic::<FMA, 2>(bytes, ahead, get_bf16),
+        Dtype::F16 => typed_generic::<FMA, 2>(bytes, ahead, get_f16),
     }
+}
+
+#[inline(always)]
+fn typed_generic<const FMA: bool, const N: usize>(bytes: &[u8], ahead: &[u8], get: fn(&[u8]) -> f32) -> Partial {
+    let load = block_of::<N>(get);
+    scan_typed::<FMA, N>(bytes, ahead, get, load, exp16::<FMA>, |b, n| max_pass::<N>(b, n, load))
 }
 
 /// IEEE half to single, branch-free so that it vectorises (subnormals, inf and NaN included).
@@ -412,7 +505,8 @@ fn exp_neg<const FMA: bool>(x: f32) -> f32 {
     let p = fma::<FMA>(p, r * r, r) + 1.0;
     // 2^n from the bits of `t`, whose low mantissa bits hold n: integer ops only (a float-to-int
     // cast would saturate lane by lane and stop vectorisation).
-    let scale = f32::from_bits(t.to_bits().wrapping_sub(SHIFTER.to_bits()).wrapping_add(127) << 23);
+    // (SHIFTER's own bits end up above bit 31 after the shift by 23: nothing to subtract.)
+    let scale = f32::from_bits(t.to_bits().wrapping_add(127) << 23);
     p * scale
 }
 
@@ -434,6 +528,42 @@ fn exp16<const FMA: bool>(x: [f32; LANES]) -> [f32; LANES] {
     std::array::from_fn(|k| exp_neg::<FMA>(x[k]))
 }
 
+/// Vectors per block: pass 2 sums a block in f32 lanes, and pass 1 names the first block that
+/// holds the max, so that pass 2 looks for the argmax in that block only.
+const BLOCK: usize = 64;
+
+/// Pass 1 over the first `full` vectors of `bytes` (decoded by `load`): the max (NaN skipped),
+/// whether a NaN or +inf occurs, and the first block of [`BLOCK`] vectors holding the max.
+// `!(v < inf)` is meant: it is true for NaN as well as +inf.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+#[inline(always)]
+fn max_pass<const N: usize>(
+    bytes: &[u8],
+    full: usize,
+    load: impl Fn(&[u8]) -> [f32; LANES] + Copy,
+) -> (f32, bool, usize) {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut bad = [false; LANES];
+    let (mut best, mut best_block) = (f32::NEG_INFINITY, 0);
+    for (blk, i0) in (0..full).step_by(BLOCK).enumerate() {
+        for i in i0..(i0 + BLOCK).min(full) {
+            let v = load(&bytes[i * LANES * N..(i + 1) * LANES * N]);
+            for k in 0..LANES {
+                // One max and one compare per vector: NaN is skipped by the max and caught by
+                // `!(v < inf)`, which is true exactly for NaN and +inf.
+                m[k] = if v[k] > m[k] { v[k] } else { m[k] };
+                bad[k] |= !(v[k] < f32::INFINITY);
+            }
+        }
+        // Once per block, so nearly free: where the running max last rose.
+        let h = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if h > best {
+            (best, best_block) = (h, blk);
+        }
+    }
+    (best, bad.iter().any(|&b| b), best_block)
+}
+
 /// The two passes over one run of logits of `N` bytes each, decoded by `get`.
 // `!(v < inf)` is meant: it is true for NaN as well as +inf.
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
@@ -444,26 +574,15 @@ fn scan_typed<const FMA: bool, const N: usize>(
     get: impl Fn(&[u8]) -> f32 + Copy,
     load: impl Fn(&[u8]) -> [f32; LANES] + Copy,
     exp16: impl Fn([f32; LANES]) -> [f32; LANES] + Copy,
+    max_pass: impl Fn(&[u8], usize) -> (f32, bool, usize),
 ) -> Partial {
     let n = bytes.len() / N;
     let block = |i: usize| load(&bytes[i * LANES * N..(i + 1) * LANES * N]);
     let full = n / LANES;
     let tail: Vec<f32> = (full * LANES..n).map(|j| get(&bytes[j * N..j * N + N])).collect();
 
-    // Pass 1: max and the NaN / +inf check, lane-wise.
-    let mut m = [f32::NEG_INFINITY; LANES];
-    let mut bad = [false; LANES];
-    for i in 0..full {
-        let v = block(i);
-        for k in 0..LANES {
-            // One max and one compare per vector: NaN is skipped by the max and caught by
-            // `!(v < inf)`, which is true exactly for NaN and +inf.
-            m[k] = if v[k] > m[k] { v[k] } else { m[k] };
-            bad[k] |= !(v[k] < f32::INFINITY);
-        }
-    }
-    let mut mx = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut any_bad = bad.iter().any(|&b| b);
+    // Pass 1: the max, the NaN / +inf check, and the first block holding the max.
+    let (mut mx, mut any_bad, max_block) = max_pass(bytes, full);
     for &v in &tail {
         mx = mx.max(v);
         any_bad |= v.is_nan() | (v == f32::INFINITY);
@@ -472,22 +591,23 @@ fn scan_typed<const FMA: bool, const N: usize>(
         return Partial { m: mx, s: 0.0, idx: None, bad: any_bad };
     }
 
-    // Pass 2: sum of exp(x - max), f32 lanes within blocks of 64 vectors, f64 across blocks;
-    // the first index of the max is found on the way (one compare per vector until found: a
+    // Pass 2: sum of exp(x - max), f32 lanes within blocks of BLOCK vectors, f64 across blocks;
+    // the first index of the max is looked for on the way, in the one block pass 1 named (a
     // separate search pass, or tracking indices in pass 1, each cost 40% more time, measured).
     let mut idx = None;
     let mut total = 0f64;
     let mut i = 0;
     while i < full {
-        let end = (i + 64).min(full);
+        let end = (i + BLOCK).min(full);
         let mut s = [0f32; LANES];
+        let look = i / BLOCK == max_block;
         for b in i..end {
             // One cache line of the next run per block: by the end of this pass it is all in
             // cache, so the next run's first pass does not stall on memory (measured: the two
             // passes otherwise serialise DRAM time and compute time).
             prefetch(ahead, b * LANES * N);
             let v = block(b);
-            if idx.is_none() && v.iter().fold(false, |a, &x| a | (x == mx)) {
+            if look && idx.is_none() && v.iter().fold(false, |a, &x| a | (x == mx)) {
                 idx = v.iter().position(|&x| x == mx).map(|k| b * LANES + k);
             }
             let e = exp16(std::array::from_fn(|k| v[k] - mx));
@@ -544,6 +664,49 @@ mod tests {
             x += 0.000_73;
         }
         assert!(worst < 3e-7, "worst relative error {worst:e}");
+    }
+
+    /// The bf16 integer max pass against the float one, on every pattern and on rows built to
+    /// catch its corners: signed zeros in different blocks, NaNs of either sign, infinities, an
+    /// odd number of vectors.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bf16_integer_max_pass_matches_the_float_one() {
+        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")) {
+            eprintln!("no AVX-512BW on this machine: bf16_max_pass_avx512 not tested");
+            return;
+        }
+        let check = |pats: &[u16]| {
+            let bytes: Vec<u8> = pats.iter().flat_map(|p| p.to_le_bytes()).collect();
+            let full = pats.len() / LANES;
+            let want = max_pass::<2>(&bytes, full, block_of::<2>(get_bf16));
+            // SAFETY: AVX-512F/BW checked above.
+            let got = unsafe { x86::bf16_max_pass_avx512(&bytes, full) };
+            assert_eq!(got.1, want.1, "bad flag, {} vectors", full);
+            if !want.1 {
+                assert!(got.0 == want.0, "max {} vs {}", got.0, want.0);
+                assert_eq!(got.2, want.2, "block of the max");
+            }
+        };
+        // Every pattern, in vectors of 16: each vector on its own, with -inf elsewhere.
+        for p in (0..=u16::MAX).step_by(16) {
+            let mut row = vec![0xff80u16; 3 * 16];
+            for k in 0..16 {
+                row[16 + k] = p + k as u16;
+            }
+            check(&row);
+        }
+        let len = 5 * BLOCK * LANES + 16; // an odd number of vectors over several blocks
+        let mut row: Vec<u16> = (0..len).map(|i| half::bf16::from_f32(-((i % 97) as f32) - 1.0).to_bits()).collect();
+        check(&row);
+        row[3] = 0x8000; // -0 early, +0 in a later block: equal, so the first block holds the max
+        row[2 * BLOCK * LANES + 5] = 0x0000;
+        check(&row);
+        for (at, p) in [(7, 0x7f80u16), (len - 20, 0xffc1), (len - 1, 0x7fc0), (BLOCK * LANES, 0xff80)] {
+            let mut r = row.clone();
+            r[at] = p;
+            check(&r);
+        }
     }
 
     #[test]
