@@ -8,9 +8,14 @@
 //!   because the second pass has no data-dependent rescaling and vectorises fully (see
 //!   BENCHMARKS.md); rows that do not fit L2 are cut into parts that do (below).
 //! - **A vectorised `exp`** for arguments <= 0 (after max-subtraction), about 1 ulp over [-87, 0]:
-//!   on AVX-512 a 16-entry table of 2^(j/16) in one register plus a cubic; elsewhere Cody–Waite
-//!   range reduction and Cephes' degree-6 polynomial. Below -87 (e^-87 < 2e-38) the term is
-//!   flushed to e^-87, which cannot change a sum that is at least 1.
+//!   on AVX-512 a 32-entry table of 2^(j/32) in two registers plus a minimax quadratic (six
+//!   multiply-adds); elsewhere Cody–Waite range reduction and Cephes' degree-6 polynomial. Below
+//!   -87 (e^-87 < 2e-38) the term is flushed to e^-87, which cannot change a sum that is at
+//!   least 1; where pass 1 proves no value is that far below the max, the clamp is skipped.
+//! - **bf16 on AVX-512 works on the raw 16-bit patterns** where it can: pass 1 takes the max of
+//!   32 patterns per instruction as order-preserving integers, and pass 2 widens 32 logits to two
+//!   f32 vectors with one instruction each (even and odd lanes). bf16 is bound by `exp`, not by
+//!   memory, so every instruction saved is speed.
 //! - **Runtime CPU-feature dispatch**, no `-C target-cpu`: the same generic code is compiled three
 //!   times — AVX-512, AVX2+FMA, and the portable baseline (SSE2 on x86-64, NEON on aarch64) — and
 //!   chosen once per call with `is_x86_feature_detected!`. The code is written as loops over
@@ -213,31 +218,24 @@ const PORTABLE_FMA: bool = cfg!(target_arch = "aarch64");
 unsafe fn scan_avx512(dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Partial {
     use x86::*;
     match dtype {
-        // SAFETY (all closures): this function runs only where AVX-512F and F16C exist, and the
-        // block loaders are given 32-byte slices.
-        Dtype::F32 => scan_typed::<true, 4>(
-            bytes,
-            ahead,
-            get_f32,
-            block_of::<4>(get_f32),
-            |x| unsafe { exp16_avx512(x) },
-            |b, n| max_pass::<4>(b, n, block_of::<4>(get_f32)),
-        ),
+        // SAFETY (all closures): this function runs only where AVX-512F/BW and F16C exist, and
+        // the block loaders are given 32-byte slices.
+        Dtype::F32 => {
+            two_passes::<true, 4>(bytes, ahead, get_f32, block_of::<4>(get_f32), |x| unsafe { exp16_avx512(x) })
+        }
         Dtype::BF16 => scan_typed::<true, 2>(
             bytes,
             ahead,
             get_bf16,
-            |b| unsafe { bf16x16_avx512(b) },
-            |x| unsafe { exp16_avx512(x) },
             |b, n| unsafe { bf16_max_pass_avx512(b, n) },
+            |b, a, n, mx, p1| unsafe { bf16_sum_pass_avx512(b, a, n, mx, p1) },
         ),
-        Dtype::F16 => scan_typed::<true, 2>(
+        Dtype::F16 => two_passes::<true, 2>(
             bytes,
             ahead,
             get_f16,
             |b| unsafe { f16x16_avx512(b) },
             |x| unsafe { exp16_avx512(x) },
-            |b, n| max_pass::<2>(b, n, |v| unsafe { f16x16_avx512(v) }),
         ),
     }
 }
@@ -247,18 +245,10 @@ unsafe fn scan_avx512(dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Partial {
 unsafe fn scan_avx2(dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Partial {
     use x86::*;
     match dtype {
-        Dtype::F32 => scan_typed::<true, 4>(bytes, ahead, get_f32, block_of::<4>(get_f32), exp16::<true>, |b, n| {
-            max_pass::<4>(b, n, block_of::<4>(get_f32))
-        }),
+        Dtype::F32 => two_passes::<true, 4>(bytes, ahead, get_f32, block_of::<4>(get_f32), exp16::<true>),
         // SAFETY: this function runs only where AVX2 and F16C exist; slices are 32 bytes.
-        Dtype::BF16 => {
-            let load = |b: &[u8]| unsafe { bf16x16_avx2(b) };
-            scan_typed::<true, 2>(bytes, ahead, get_bf16, load, exp16::<true>, |b, n| max_pass::<2>(b, n, load))
-        }
-        Dtype::F16 => {
-            let load = |b: &[u8]| unsafe { f16x16_avx2(b) };
-            scan_typed::<true, 2>(bytes, ahead, get_f16, load, exp16::<true>, |b, n| max_pass::<2>(b, n, load))
-        }
+        Dtype::BF16 => two_passes::<true, 2>(bytes, ahead, get_bf16, |b| unsafe { bf16x16_avx2(b) }, exp16::<true>),
+        Dtype::F16 => two_passes::<true, 2>(bytes, ahead, get_f16, |b| unsafe { f16x16_avx2(b) }, exp16::<true>),
     }
 }
 
@@ -266,6 +256,8 @@ unsafe fn scan_avx2(dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Partial {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    use super::{Pass1, BLOCK, LANES};
 
     #[target_feature(enable = "avx512f")]
     #[inline]
@@ -285,55 +277,94 @@ mod x86 {
         std::mem::transmute(_mm512_cvtph_ps(v))
     }
 
-    /// 2^(j/16), j = 0..16: the table of [`exp16_avx512`].
-    const EXP2_SIXTEENTHS: [f32; 16] = [
-        1.0,
-        1.044_273_7,
-        1.090_507_7,
-        1.138_788_6,
-        1.189_207_1,
-        1.241_857_8,
-        1.296_839_6,
-        1.354_255_6,
-        std::f32::consts::SQRT_2,
-        1.476_826_2,
-        1.542_210_8,
-        1.610_490_3,
-        1.681_792_9,
-        1.756_252_2,
-        1.834_008_1,
-        1.915_206_6,
+    /// The bits of 2^(j/32), j = 0..32 (correctly rounded): the table of [`exp_avx512`].
+    const EXP2_THIRTYSECONDS: [u32; 32] = [
+        0x3f80_0000,
+        0x3f82_cd87,
+        0x3f85_aac3,
+        0x3f88_980f,
+        0x3f8b_95c2,
+        0x3f8e_a43a,
+        0x3f91_c3d3,
+        0x3f94_f4f0,
+        0x3f98_37f0,
+        0x3f9b_8d3a,
+        0x3f9e_f532,
+        0x3fa2_7043,
+        0x3fa5_fed7,
+        0x3fa9_a15b,
+        0x3fad_583f,
+        0x3fb1_23f6,
+        0x3fb5_04f3,
+        0x3fb8_fbaf,
+        0x3fbd_08a4,
+        0x3fc1_2c4d,
+        0x3fc5_672a,
+        0x3fc9_b9be,
+        0x3fce_248c,
+        0x3fd2_a81e,
+        0x3fd7_44fd,
+        0x3fdb_fbb8,
+        0x3fe0_ccdf,
+        0x3fe5_b907,
+        0x3fea_c0c7,
+        0x3fef_e4ba,
+        0x3ff5_257d,
+        0x3ffa_83b3,
     ];
 
+    /// [`EXP2_THIRTYSECONDS`] less `j << 18` for entry `j`, in two registers' worth: adding `t`'s
+    /// bits shifted left 18 then puts `n` in the exponent and cancels the `j` that the shift also
+    /// brings (see [`exp_avx512`]).
+    const EXP2_ADJUSTED: [[i32; 16]; 2] = {
+        let mut t = [[0i32; 16]; 2];
+        let mut j = 0;
+        while j < 32 {
+            t[j / 16][j % 16] = EXP2_THIRTYSECONDS[j] as i32 - ((j as i32) << 18);
+            j += 1;
+        }
+        t
+    };
+
     /// e^x for x <= 0 on 16 lanes (about 1 ulp over [-87, 0]; below -87 gives e^-87).
-    ///
-    /// x = (16n + j)·ln2/16 + r with |r| <= ln2/32: e^x = 2^n · 2^(j/16) · e^r, the middle factor
-    /// from a 16-entry table in one register (`vpermps`), e^r - 1 from a cubic (error r^4/24 < 1e-8).
-    /// Fewer multiply-adds than a degree-6 polynomial, and the rest spread over other ports.
     #[target_feature(enable = "avx512f")]
     #[inline]
     pub unsafe fn exp16_avx512(x: [f32; 16]) -> [f32; 16] {
+        std::mem::transmute(exp_avx512::<true>(std::mem::transmute::<[f32; 16], __m512>(x)))
+    }
+
+    /// e^x for x <= 0 on 16 lanes, about 1 ulp over [-87, 0]. With `CLAMP`, arguments below -87
+    /// give e^-87 (and -inf gives that, not NaN); without, the caller guarantees x >= -87.
+    ///
+    /// x = (32n + j)·ln2/32 + r with |r| <= ln2/64: e^x = 2^n · 2^(j/32) · e^r, the middle factor
+    /// from a 32-entry table held in two registers (`vpermt2d`), e^r from 1 + c1·r + c2·r², a
+    /// minimax quadratic (relative error 5.4e-8 on |r| <= ln2/64). Six multiply-adds in all:
+    /// the multiply-add ports are what bounds this loop on a double-pumped AVX-512 core.
+    ///
+    /// `t = SHIFTER + 32 x/ln2` rounds `k = 32n + j` into the low bits of `t`, whose bits are
+    /// SHIFTER's plus `k`. Shifted left 18 they are `(n << 23) + (j << 18)` (SHIFTER's own bits
+    /// leave the register): added to the adjusted table entry, that is 2^(j/32) with `n` added
+    /// to its exponent, in one shift and one add.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn exp_avx512<const CLAMP: bool>(x: __m512) -> __m512 {
         const SHIFTER: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-                                           // ln2/16 split so that k * HI is exact for every |k| < 2^11.
-        const LN2_16_HI: f32 = 0.043_319_702;
-        const LN2_16_LO: f32 = 1.996_636_5e-6;
-        let x: __m512 = std::mem::transmute(x);
-        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
-        let t = _mm512_fmadd_ps(x, _mm512_set1_ps(16.0 * std::f32::consts::LOG2_E), _mm512_set1_ps(SHIFTER));
+                                           // ln2/32 split so that k * HI is exact for every |k| < 2^12.
+        const LN2_32_HI: f32 = 0.021_659_851;
+        const LN2_32_LO: f32 = 9.983_182e-7;
+        const C1: f32 = 1.000_014_7;
+        const C2: f32 = 0.500_004_9;
+        let x = if CLAMP { _mm512_max_ps(x, _mm512_set1_ps(-87.0)) } else { x };
+        let t = _mm512_fmadd_ps(x, _mm512_set1_ps(32.0 * std::f32::consts::LOG2_E), _mm512_set1_ps(SHIFTER));
         let k = _mm512_sub_ps(t, _mm512_set1_ps(SHIFTER));
-        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(LN2_16_HI), x);
-        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(LN2_16_LO), r);
-        let q = _mm512_fmadd_ps(_mm512_set1_ps(1.0 / 6.0), r, _mm512_set1_ps(0.5));
-        let q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0));
-        let q = _mm512_mul_ps(q, r);
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(LN2_32_HI), x);
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(LN2_32_LO), r);
+        let q = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_set1_ps(C2), r, _mm512_set1_ps(C1)), r);
         let ti = _mm512_castps_si512(t);
-        let table: __m512 = std::mem::transmute(EXP2_SIXTEENTHS);
-        let tab = _mm512_permutexvar_ps(ti, table);
-        // n = k >> 4 from the bits of t = SHIFTER + k: they are SHIFTER's bits plus k, and
-        // SHIFTER's bits shifted right 4 then left 23 leave nothing in 32 bits, so no subtraction.
-        let n = _mm512_srai_epi32::<4>(ti);
-        let scaled = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(tab), _mm512_slli_epi32::<23>(n)));
-        std::mem::transmute(_mm512_fmadd_ps(scaled, q, scaled))
+        let [lo, hi]: [__m512i; 2] = std::mem::transmute(EXP2_ADJUSTED);
+        let tab = _mm512_permutex2var_epi32(lo, ti, hi);
+        let scaled = _mm512_castsi512_ps(_mm512_add_epi32(tab, _mm512_slli_epi32::<18>(ti)));
+        _mm512_fmadd_ps(scaled, q, scaled)
     }
 
     /// Pass 1 for bf16 on AVX-512BW, on the raw 16-bit patterns, 32 at a time: the same results
@@ -346,8 +377,7 @@ mod x86 {
     /// NaN/+inf check (the max is only used when there is no NaN).
     #[target_feature(enable = "avx512f,avx512bw")]
     #[inline]
-    pub unsafe fn bf16_max_pass_avx512(bytes: &[u8], full: usize) -> (f32, bool, usize) {
-        use super::{BLOCK, LANES};
+    pub(super) unsafe fn bf16_max_pass_avx512(bytes: &[u8], full: usize) -> Pass1 {
         debug_assert!(bytes.len() >= full * LANES * 2);
         const NEG_INF_ORDERED: i16 = -0x7f80;
         let ordered = |v: __m512i| {
@@ -357,7 +387,7 @@ mod x86 {
         };
         let p = bytes.as_ptr();
         let mut hi = _mm512_set1_epi16(NEG_INF_ORDERED);
-        let mut lo = _mm512_set1_epi16(NEG_INF_ORDERED);
+        let mut lo = _mm512_set1_epi16(i16::MAX);
         let (mut best, mut best_block) = (NEG_INF_ORDERED, 0);
         let pairs = full / 2;
         // BLOCK vectors of 16 are BLOCK / 2 of 32.
@@ -374,24 +404,108 @@ mod x86 {
             }
         }
         if full % 2 == 1 {
-            // The odd last vector: 16 patterns, the other lanes -inf (neutral for both tests).
+            // The odd last vector: 16 patterns, the other lanes -inf (neutral for the max).
             // SAFETY: the vector lies inside the first `full` vectors.
             let v = unsafe {
                 _mm512_mask_loadu_epi16(_mm512_set1_epi16(0xff80u16 as i16), 0xffff, p.add(pairs * 64).cast())
             };
             let v = ordered(v);
             hi = _mm512_max_epi16(hi, v);
-            lo = _mm512_min_epi16(lo, v);
+            // For the min, the padding lanes read as +inf (0x7f80) instead.
+            lo = _mm512_min_epi16(lo, _mm512_mask_mov_epi16(_mm512_set1_epi16(0x7f80), 0xffff, v));
             let h = horizontal_max(hi);
             if h > best {
                 (best, best_block) = (h, (full - 1) / BLOCK);
             }
         }
         let lowest = lanes(lo).into_iter().min().unwrap_or(NEG_INF_ORDERED);
-        let bad = best >= 0x7f80 || lowest < NEG_INF_ORDERED;
         // Back from the order to the pattern, then to f32.
-        let pattern = if best < 0 { best.unsigned_abs() | 0x8000 } else { best as u16 };
-        (f32::from_bits(u32::from(pattern) << 16), bad, best_block)
+        let value = |o: i16| {
+            let pattern = if o < 0 { o.unsigned_abs() | 0x8000 } else { o as u16 };
+            f32::from_bits(u32::from(pattern) << 16)
+        };
+        Pass1 {
+            max: value(best),
+            lowest: value(lowest),
+            bad: best >= 0x7f80 || lowest < NEG_INF_ORDERED,
+            block: best_block,
+        }
+    }
+
+    /// Pass 2 for bf16 on AVX-512: as [`super::sum_pass`], with two savings. One 64-byte load
+    /// gives 32 logits as two f32 vectors, the even-indexed ones (shifted up 16) and the
+    /// odd-indexed ones (masked), one instruction each; the sum does not care about order, and
+    /// the argmax search maps lanes back to indices. And when pass 1 proved every value within
+    /// 87 of the max, `exp` runs without its clamp.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    pub(super) unsafe fn bf16_sum_pass_avx512(
+        bytes: &[u8],
+        ahead: &[u8],
+        full: usize,
+        mx: f32,
+        p1: &Pass1,
+    ) -> (f64, Option<usize>) {
+        debug_assert!(bytes.len() >= full * LANES * 2);
+        if p1.lowest - mx >= -87.0 {
+            sum_pairs::<false>(bytes, ahead, full, mx, p1.block)
+        } else {
+            sum_pairs::<true>(bytes, ahead, full, mx, p1.block)
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn sum_pairs<const CLAMP: bool>(
+        bytes: &[u8],
+        ahead: &[u8],
+        full: usize,
+        mx: f32,
+        max_block: usize,
+    ) -> (f64, Option<usize>) {
+        let p = bytes.as_ptr();
+        let m = _mm512_set1_ps(mx);
+        let high_halves = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        let mut idx = None;
+        let mut total = 0f64;
+        let pairs = full / 2;
+        for (blk, i0) in (0..pairs).step_by(BLOCK / 2).enumerate() {
+            let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let look = blk == max_block;
+            for i in i0..(i0 + BLOCK / 2).min(pairs) {
+                super::prefetch(ahead, i * 64);
+                // SAFETY: pair i covers bytes [64 i, 64 i + 64), inside the first `full` vectors.
+                let v = unsafe { _mm512_loadu_si512(p.add(i * 64).cast()) };
+                let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+                let odd = _mm512_castsi512_ps(_mm512_and_si512(v, high_halves));
+                if look && idx.is_none() {
+                    let (me, mo) = (_mm512_cmpeq_ps_mask(even, m), _mm512_cmpeq_ps_mask(odd, m));
+                    if me | mo != 0 {
+                        // Lane k of `even` is logit 2k of the pair, of `odd` 2k + 1.
+                        let first = (2 * me.trailing_zeros()).min(2 * mo.trailing_zeros() + 1);
+                        idx = Some(i * 32 + first as usize);
+                    }
+                }
+                s0 = _mm512_add_ps(s0, exp_avx512::<CLAMP>(_mm512_sub_ps(even, m)));
+                s1 = _mm512_add_ps(s1, exp_avx512::<CLAMP>(_mm512_sub_ps(odd, m)));
+            }
+            let s: [f32; 16] = std::mem::transmute(_mm512_add_ps(s0, s1));
+            total += s.iter().map(|&x| f64::from(x)).sum::<f64>();
+        }
+        if full % 2 == 1 {
+            // The odd last vector, in natural order.
+            let at = (full - 1) * 32;
+            let v: __m512 = std::mem::transmute(bf16x16_avx512(&bytes[at..at + 32]));
+            if idx.is_none() && (full - 1) / BLOCK == max_block {
+                let me = _mm512_cmpeq_ps_mask(v, m);
+                if me != 0 {
+                    idx = Some((full - 1) * 16 + me.trailing_zeros() as usize);
+                }
+            }
+            let s: [f32; 16] = std::mem::transmute(exp_avx512::<CLAMP>(_mm512_sub_ps(v, m)));
+            total += s.iter().map(|&x| f64::from(x)).sum::<f64>();
+        }
+        (total, idx)
     }
 
     /// The 32 signed 16-bit lanes of `v`.
@@ -447,16 +561,10 @@ fn block_of<const N: usize>(get: impl Fn(&[u8]) -> f32 + Copy) -> impl Fn(&[u8])
 #[inline(always)]
 fn scan_generic<const FMA: bool>(dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Partial {
     match dtype {
-        Dtype::F32 => typed_generic::<FMA, 4>(bytes, ahead, get_f32),
-        Dtype::BF16 => typed_generic::<FMA, 2>(bytes, ahead, get_bf16),
-        Dtype::F16 => typed_generic::<FMA, 2>(bytes, ahead, get_f16),
+        Dtype::F32 => two_passes::<FMA, 4>(bytes, ahead, get_f32, block_of::<4>(get_f32), exp16::<FMA>),
+        Dtype::BF16 => two_passes::<FMA, 2>(bytes, ahead, get_bf16, block_of::<2>(get_bf16), exp16::<FMA>),
+        Dtype::F16 => two_passes::<FMA, 2>(bytes, ahead, get_f16, block_of::<2>(get_f16), exp16::<FMA>),
     }
-}
-
-#[inline(always)]
-fn typed_generic<const FMA: bool, const N: usize>(bytes: &[u8], ahead: &[u8], get: fn(&[u8]) -> f32) -> Partial {
-    let load = block_of::<N>(get);
-    scan_typed::<FMA, N>(bytes, ahead, get, load, exp16::<FMA>, |b, n| max_pass::<N>(b, n, load))
 }
 
 /// IEEE half to single, branch-free so that it vectorises (subnormals, inf and NaN included).
@@ -532,16 +640,24 @@ fn exp16<const FMA: bool>(x: [f32; LANES]) -> [f32; LANES] {
 /// holds the max, so that pass 2 looks for the argmax in that block only.
 const BLOCK: usize = 64;
 
-/// Pass 1 over the first `full` vectors of `bytes` (decoded by `load`): the max (NaN skipped),
-/// whether a NaN or +inf occurs, and the first block of [`BLOCK`] vectors holding the max.
+/// What pass 1 learns of the first `full` vectors of a run.
+#[derive(Debug, Clone, Copy)]
+struct Pass1 {
+    /// The max, NaN skipped.
+    max: f32,
+    /// No value is below this (-inf where the pass does not track it).
+    lowest: f32,
+    /// Whether a NaN or +inf occurs.
+    bad: bool,
+    /// The first block of [`BLOCK`] vectors holding the max.
+    block: usize,
+}
+
+/// Pass 1 over the first `full` vectors of `bytes` (decoded by `load`).
 // `!(v < inf)` is meant: it is true for NaN as well as +inf.
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
 #[inline(always)]
-fn max_pass<const N: usize>(
-    bytes: &[u8],
-    full: usize,
-    load: impl Fn(&[u8]) -> [f32; LANES] + Copy,
-) -> (f32, bool, usize) {
+fn max_pass<const N: usize>(bytes: &[u8], full: usize, load: impl Fn(&[u8]) -> [f32; LANES] + Copy) -> Pass1 {
     let mut m = [f32::NEG_INFINITY; LANES];
     let mut bad = [false; LANES];
     let (mut best, mut best_block) = (f32::NEG_INFINITY, 0);
@@ -561,52 +677,34 @@ fn max_pass<const N: usize>(
             (best, best_block) = (h, blk);
         }
     }
-    (best, bad.iter().any(|&b| b), best_block)
+    Pass1 { max: best, lowest: f32::NEG_INFINITY, bad: bad.iter().any(|&b| b), block: best_block }
 }
 
-/// The two passes over one run of logits of `N` bytes each, decoded by `get`.
-// `!(v < inf)` is meant: it is true for NaN as well as +inf.
-#[allow(clippy::neg_cmp_op_on_partial_ord)]
+/// Pass 2 over the first `full` vectors: the sum of exp(x - mx), f32 lanes within blocks of
+/// [`BLOCK`] vectors and f64 across blocks, and the first index of `mx`, looked for on the way
+/// in the one block pass 1 named (a separate search pass, or tracking indices in pass 1, each
+/// cost 40% more time, measured).
 #[inline(always)]
-fn scan_typed<const FMA: bool, const N: usize>(
+fn sum_pass<const N: usize>(
     bytes: &[u8],
     ahead: &[u8],
-    get: impl Fn(&[u8]) -> f32 + Copy,
+    full: usize,
+    mx: f32,
+    max_block: usize,
     load: impl Fn(&[u8]) -> [f32; LANES] + Copy,
     exp16: impl Fn([f32; LANES]) -> [f32; LANES] + Copy,
-    max_pass: impl Fn(&[u8], usize) -> (f32, bool, usize),
-) -> Partial {
-    let n = bytes.len() / N;
-    let block = |i: usize| load(&bytes[i * LANES * N..(i + 1) * LANES * N]);
-    let full = n / LANES;
-    let tail: Vec<f32> = (full * LANES..n).map(|j| get(&bytes[j * N..j * N + N])).collect();
-
-    // Pass 1: the max, the NaN / +inf check, and the first block holding the max.
-    let (mut mx, mut any_bad, max_block) = max_pass(bytes, full);
-    for &v in &tail {
-        mx = mx.max(v);
-        any_bad |= v.is_nan() | (v == f32::INFINITY);
-    }
-    if any_bad || mx == f32::NEG_INFINITY {
-        return Partial { m: mx, s: 0.0, idx: None, bad: any_bad };
-    }
-
-    // Pass 2: sum of exp(x - max), f32 lanes within blocks of BLOCK vectors, f64 across blocks;
-    // the first index of the max is looked for on the way, in the one block pass 1 named (a
-    // separate search pass, or tracking indices in pass 1, each cost 40% more time, measured).
+) -> (f64, Option<usize>) {
     let mut idx = None;
     let mut total = 0f64;
-    let mut i = 0;
-    while i < full {
-        let end = (i + BLOCK).min(full);
+    for i in (0..full).step_by(BLOCK) {
         let mut s = [0f32; LANES];
         let look = i / BLOCK == max_block;
-        for b in i..end {
+        for b in i..(i + BLOCK).min(full) {
             // One cache line of the next run per block: by the end of this pass it is all in
             // cache, so the next run's first pass does not stall on memory (measured: the two
             // passes otherwise serialise DRAM time and compute time).
             prefetch(ahead, b * LANES * N);
-            let v = block(b);
+            let v = load(&bytes[b * LANES * N..(b + 1) * LANES * N]);
             if look && idx.is_none() && v.iter().fold(false, |a, &x| a | (x == mx)) {
                 idx = v.iter().position(|&x| x == mx).map(|k| b * LANES + k);
             }
@@ -616,8 +714,52 @@ fn scan_typed<const FMA: bool, const N: usize>(
             }
         }
         total += s.iter().map(|&x| f64::from(x)).sum::<f64>();
-        i = end;
     }
+    (total, idx)
+}
+
+/// [`scan_typed`] with the portable passes, given a block loader and an `exp`.
+#[inline(always)]
+fn two_passes<const FMA: bool, const N: usize>(
+    bytes: &[u8],
+    ahead: &[u8],
+    get: impl Fn(&[u8]) -> f32 + Copy,
+    load: impl Fn(&[u8]) -> [f32; LANES] + Copy,
+    exp16: impl Fn([f32; LANES]) -> [f32; LANES] + Copy,
+) -> Partial {
+    scan_typed::<FMA, N>(
+        bytes,
+        ahead,
+        get,
+        |b, full| max_pass::<N>(b, full, load),
+        |b, a, full, mx, p1| sum_pass::<N>(b, a, full, mx, p1.block, load, exp16),
+    )
+}
+
+/// The two passes over one run of logits of `N` bytes each: `pass1` and `pass2` over whole
+/// vectors, the last `< LANES` logits (decoded by `get`) here.
+#[inline(always)]
+fn scan_typed<const FMA: bool, const N: usize>(
+    bytes: &[u8],
+    ahead: &[u8],
+    get: impl Fn(&[u8]) -> f32 + Copy,
+    pass1: impl Fn(&[u8], usize) -> Pass1,
+    pass2: impl Fn(&[u8], &[u8], usize, f32, &Pass1) -> (f64, Option<usize>),
+) -> Partial {
+    let n = bytes.len() / N;
+    let full = n / LANES;
+    let tail: Vec<f32> = (full * LANES..n).map(|j| get(&bytes[j * N..j * N + N])).collect();
+
+    let p1 = pass1(bytes, full);
+    let (mut mx, mut any_bad) = (p1.max, p1.bad);
+    for &v in &tail {
+        mx = mx.max(v);
+        any_bad |= v.is_nan() | (v == f32::INFINITY);
+    }
+    if any_bad || mx == f32::NEG_INFINITY {
+        return Partial { m: mx, s: 0.0, idx: None, bad: any_bad };
+    }
+    let (mut total, idx) = pass2(bytes, ahead, full, mx, &p1);
     total += tail.iter().map(|&v| f64::from(exp_neg::<FMA>(v - mx))).sum::<f64>();
     let idx = idx.or_else(|| tail.iter().position(|&x| x == mx).map(|j| full * LANES + j));
     Partial { m: mx, s: total, idx, bad: false }
@@ -682,10 +824,13 @@ mod tests {
             let want = max_pass::<2>(&bytes, full, block_of::<2>(get_bf16));
             // SAFETY: AVX-512F/BW checked above.
             let got = unsafe { x86::bf16_max_pass_avx512(&bytes, full) };
-            assert_eq!(got.1, want.1, "bad flag, {} vectors", full);
-            if !want.1 {
-                assert!(got.0 == want.0, "max {} vs {}", got.0, want.0);
-                assert_eq!(got.2, want.2, "block of the max");
+            assert_eq!(got.bad, want.bad, "bad flag, {} vectors", full);
+            if !want.bad {
+                assert!(got.max == want.max, "max {} vs {}", got.max, want.max);
+                assert_eq!(got.block, want.block, "block of the max");
+                let lowest =
+                    pats[..full * LANES].iter().map(|&p| get_bf16(&p.to_le_bytes())).fold(f32::INFINITY, f32::min);
+                assert!(got.lowest == lowest, "lowest {} vs {lowest}", got.lowest);
             }
         };
         // Every pattern, in vectors of 16: each vector on its own, with -inf elsewhere.
@@ -718,15 +863,39 @@ mod tests {
         }
     }
 
+    /// Every instruction set (and, for bf16 on AVX-512, the paired even/odd pass with and without
+    /// the clamp) against the portable code, over lengths that leave every kind of remainder.
     #[test]
     fn every_isa_this_machine_has_agrees() {
-        let x: Vec<f32> = (0..5000).map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 10.0).collect();
-        let bytes: &[u8] = bytemuck::cast_slice(&x);
-        let a = scan_generic::<false>(Dtype::F32, bytes, &[]);
-        for isa in [Isa::detect(), Isa::Portable] {
-            let b = scan(isa, Dtype::F32, bytes, &[]);
-            assert_eq!(a.idx, b.idx);
-            assert!((a.s - b.s).abs() <= 1e-6 * a.s, "{isa:?}: {} vs {}", a.s, b.s);
+        let rows = |n: usize, spread: f32| -> Vec<Vec<f32>> {
+            let base: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 * spread - spread / 2.0).collect();
+            let mut tie = base.clone(); // the max twice, the later one in an odd lane
+            let m = base.iter().copied().fold(f32::MIN, f32::max) + 1.0;
+            tie[((n / 2) | 1) % n] = m;
+            tie[n - 1] = m;
+            let mut zeros = vec![-1.0f32; n]; // max 0, as -0 first, then +0
+            zeros[n / 3] = -0.0;
+            zeros[(n / 3 + 1) % n] = 0.0;
+            let mut neg_inf = base.clone();
+            neg_inf[n / 4] = f32::NEG_INFINITY;
+            vec![base, tie, zeros, neg_inf]
+        };
+        for n in [1, 15, 16, 17, 31, 32, 33, 48, 1000, 1024, 1040, 2048 + 16, 5000, 70_001] {
+            for spread in [20.0, 300.0] {
+                for x in rows(n, spread) {
+                    for dtype in [Dtype::F32, Dtype::BF16, Dtype::F16] {
+                        let bytes = dtype.encode(&x);
+                        let a = scan_generic::<false>(dtype, &bytes, &[]);
+                        for isa in [Isa::detect(), Isa::Portable] {
+                            let b = scan(isa, dtype, &bytes, &[]);
+                            let what = format!("{isa:?} {dtype} n={n} spread={spread}");
+                            assert_eq!(a.idx, b.idx, "{what}");
+                            assert_eq!(a.m, b.m, "{what}");
+                            assert!((a.s - b.s).abs() <= 1e-6 * a.s, "{what}: {} vs {}", a.s, b.s);
+                        }
+                    }
+                }
+            }
         }
     }
 }
