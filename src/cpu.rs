@@ -886,7 +886,8 @@ mod tests {
                     for dtype in [Dtype::F32, Dtype::BF16, Dtype::F16] {
                         let bytes = dtype.encode(&x);
                         let a = scan_generic::<false>(dtype, &bytes, &[]);
-                        for isa in [Isa::detect(), Isa::Portable] {
+                        let avx2 = cfg!(target_arch = "x86_64") && Isa::detect() != Isa::Portable;
+                        for isa in [Isa::detect(), Isa::Portable].into_iter().chain(avx2.then_some(Isa::Avx2)) {
                             let b = scan(isa, dtype, &bytes, &[]);
                             let what = format!("{isa:?} {dtype} n={n} spread={spread}");
                             assert_eq!(a.idx, b.idx, "{what}");
