@@ -321,8 +321,8 @@ fn read_parallel(t: &Tensor, offset: usize, buf: &mut [u8]) -> Result<()> {
 
 /// Scores rows `r0..r0 + n` of a shard on the CPU. With enough blocks of ~4 MiB to occupy every
 /// thread, each thread reads and scores its own blocks; otherwise (few, long rows) the chunk is
-/// read whole and each row is split across threads. The choice depends only on `n`, so a chunk
-/// gives the same bits whenever it is scored.
+/// read whole and each row is split across threads. The choice depends only on `n` and the
+/// thread count, so a chunk gives the same bits whenever it is scored on the same machine.
 ///
 /// Blocks span several rows because the scan prefetches the next run of logits while it sums the
 /// current one, within a block only: with one-row blocks (256 KiB, the first design) every row's

@@ -191,6 +191,7 @@ struct GenArgs {
 }
 
 fn main() -> ExitCode {
+    quiet_headless_vulkan();
     let cli = Cli::parse();
     on_sigbus_exit_cleanly();
     let result = match cli.command {
@@ -207,6 +208,17 @@ fn main() -> ExitCode {
             eprintln!("xent: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Without `XDG_RUNTIME_DIR` (a headless machine, a container, CI), Mesa's Vulkan drivers print
+/// "error: XDG_RUNTIME_DIR is invalid or not set" twice while probing for a Wayland display that
+/// xent never uses: the line is harmless but reads like a failure. Point it at the temporary
+/// directory when it is unset, first thing, while the process has one thread.
+fn quiet_headless_vulkan() {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
     }
 }
 
