@@ -12,10 +12,10 @@
 //!   multiply-adds); elsewhere Cody–Waite range reduction and Cephes' degree-6 polynomial. Below
 //!   -87 (e^-87 < 2e-38) the term is flushed to e^-87, which cannot change a sum that is at
 //!   least 1; where pass 1 proves no value is that far below the max, the clamp is skipped.
-//! - **bf16 on AVX-512 works on the raw 16-bit patterns** where it can: pass 1 takes the max of
-//!   32 patterns per instruction as order-preserving integers, and pass 2 widens 32 logits to two
-//!   f32 vectors with one instruction each (even and odd lanes). bf16 is bound by `exp`, not by
-//!   memory, so every instruction saved is speed.
+//! - **16-bit logits on AVX-512 work on the raw patterns** where they can: pass 1 takes the max
+//!   of 32 bf16 or f16 patterns per instruction as order-preserving integers, and for bf16 pass 2
+//!   widens 32 logits to two f32 vectors with one instruction each (even and odd lanes). 16-bit
+//!   logits are bound by `exp`, not by memory, so every instruction saved is speed.
 //! - **Runtime CPU-feature dispatch**, no `-C target-cpu`: the same generic code is compiled three
 //!   times — AVX-512, AVX2+FMA, and the portable baseline (SSE2 on x86-64, NEON on aarch64) — and
 //!   chosen once per call with `is_x86_feature_detected!`. The code is written as loops over
@@ -221,22 +221,33 @@ unsafe fn scan_avx512(dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Partial {
         // SAFETY (all closures): this function runs only where AVX-512F/BW and F16C exist, and
         // the block loaders are given 32-byte slices.
         Dtype::F32 => {
-            two_passes::<true, 4>(bytes, ahead, get_f32, block_of::<4>(get_f32), |x| unsafe { exp16_avx512(x) })
+            two_passes::<true, 4>(bytes, ahead, get_f32, block_of::<4>(get_f32), |x| unsafe { exp16_avx512::<true>(x) })
         }
         Dtype::BF16 => scan_typed::<true, 2>(
             bytes,
             ahead,
             get_bf16,
-            |b, n| unsafe { bf16_max_pass_avx512(b, n) },
+            |b, n| unsafe { half_max_pass_avx512::<BF16_INF>(b, n, |p| f32::from_bits(u32::from(p) << 16)) },
             |b, a, n, mx, p1| unsafe { bf16_sum_pass_avx512(b, a, n, mx, p1) },
         ),
-        Dtype::F16 => two_passes::<true, 2>(
-            bytes,
-            ahead,
-            get_f16,
-            |b| unsafe { f16x16_avx512(b) },
-            |x| unsafe { exp16_avx512(x) },
-        ),
+        // f16 needs a real conversion to f32, so pass 2 is the portable one; it still gains the
+        // integer pass 1 and, where pass 1 proves it safe, the exp without its clamp.
+        Dtype::F16 => {
+            let load = |b: &[u8]| unsafe { f16x16_avx512(b) };
+            scan_typed::<true, 2>(
+                bytes,
+                ahead,
+                get_f16,
+                |b, n| unsafe { half_max_pass_avx512::<F16_INF>(b, n, f16_to_f32) },
+                |b, a, n, mx, p1| {
+                    if p1.lowest - mx >= -87.0 {
+                        sum_pass::<2>(b, a, n, mx, p1.block, load, |x| unsafe { exp16_avx512::<false>(x) })
+                    } else {
+                        sum_pass::<2>(b, a, n, mx, p1.block, load, |x| unsafe { exp16_avx512::<true>(x) })
+                    }
+                },
+            )
+        }
     }
 }
 
@@ -326,11 +337,11 @@ mod x86 {
         t
     };
 
-    /// e^x for x <= 0 on 16 lanes (within 2 ulp over [-87, 0]; below -87 gives e^-87).
+    /// [`exp_avx512`] on an array.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    pub unsafe fn exp16_avx512(x: [f32; 16]) -> [f32; 16] {
-        std::mem::transmute(exp_avx512::<true>(std::mem::transmute::<[f32; 16], __m512>(x)))
+    pub unsafe fn exp16_avx512<const CLAMP: bool>(x: [f32; 16]) -> [f32; 16] {
+        std::mem::transmute(exp_avx512::<CLAMP>(std::mem::transmute::<[f32; 16], __m512>(x)))
     }
 
     /// e^x for x <= 0 on 16 lanes, within 2 ulp over [-87, 0] (worst seen 1.65e-7 relative, 1.7
@@ -368,28 +379,38 @@ mod x86 {
         _mm512_fmadd_ps(scaled, q, scaled)
     }
 
-    /// Pass 1 for bf16 on AVX-512BW, on the raw 16-bit patterns, 32 at a time: the same results
-    /// as [`super::max_pass`] over the first `full` 16-lane vectors, at about half the work.
+    /// +inf's bit pattern in bf16: the largest non-NaN magnitude.
+    pub(super) const BF16_INF: i16 = 0x7f80;
+    /// +inf's bit pattern in IEEE half.
+    pub(super) const F16_INF: i16 = 0x7c00;
+
+    /// Pass 1 for 16-bit floats (bf16 or IEEE half, `INF` being +inf's pattern) on AVX-512BW, on
+    /// the raw patterns, 32 at a time: the same results as [`super::max_pass`] over the first
+    /// `full` 16-lane vectors, at about half the work, with no conversion to f32.
     ///
-    /// A bf16 pattern `b` maps to an integer that orders like the value it encodes: its
-    /// magnitude bits, negated when the sign bit is set (so -0 and +0 both map to 0, equal as
-    /// floats are). In that order +inf is 0x7f80 and positive NaNs lie above it; -inf is -0x7f80
-    /// and negative NaNs lie below it. So one integer max and one min give the max and the
-    /// NaN/+inf check (the max is only used when there is no NaN).
+    /// Both formats are sign and magnitude, so a pattern maps to an integer that orders like the
+    /// value it encodes: its magnitude bits, negated when the sign bit is set (so -0 and +0 both
+    /// map to 0, equal as floats are). In that order +inf is `INF` and positive NaNs lie above
+    /// it; -inf is `-INF` and negative NaNs lie below it. So one integer max and one min give the
+    /// max, the lowest value and the NaN/+inf check (the max is only used when there is no NaN).
+    /// `decode` turns a pattern into f32.
     #[target_feature(enable = "avx512f,avx512bw")]
     #[inline]
-    pub(super) unsafe fn bf16_max_pass_avx512(bytes: &[u8], full: usize) -> Pass1 {
+    pub(super) unsafe fn half_max_pass_avx512<const INF: i16>(
+        bytes: &[u8],
+        full: usize,
+        decode: impl Fn(u16) -> f32,
+    ) -> Pass1 {
         debug_assert!(bytes.len() >= full * LANES * 2);
-        const NEG_INF_ORDERED: i16 = -0x7f80;
         let ordered = |v: __m512i| {
             // sign = 0 or -1; (v & 0x7fff) ^ sign, minus sign: the magnitude, negated if sign.
             let sign = _mm512_srai_epi16::<15>(v);
             _mm512_sub_epi16(_mm512_ternarylogic_epi32::<0x6c>(v, sign, _mm512_set1_epi16(0x7fff)), sign)
         };
         let p = bytes.as_ptr();
-        let mut hi = _mm512_set1_epi16(NEG_INF_ORDERED);
+        let mut hi = _mm512_set1_epi16(-INF);
         let mut lo = _mm512_set1_epi16(i16::MAX);
-        let (mut best, mut best_block) = (NEG_INF_ORDERED, 0);
+        let (mut best, mut best_block) = (-INF, 0);
         let pairs = full / 2;
         // BLOCK vectors of 16 are BLOCK / 2 of 32.
         for (blk, i0) in (0..pairs).step_by(BLOCK / 2).enumerate() {
@@ -407,30 +428,21 @@ mod x86 {
         if full % 2 == 1 {
             // The odd last vector: 16 patterns, the other lanes -inf (neutral for the max).
             // SAFETY: the vector lies inside the first `full` vectors.
-            let v = unsafe {
-                _mm512_mask_loadu_epi16(_mm512_set1_epi16(0xff80u16 as i16), 0xffff, p.add(pairs * 64).cast())
-            };
+            let v =
+                unsafe { _mm512_mask_loadu_epi16(_mm512_set1_epi16(INF | i16::MIN), 0xffff, p.add(pairs * 64).cast()) };
             let v = ordered(v);
             hi = _mm512_max_epi16(hi, v);
-            // For the min, the padding lanes read as +inf (0x7f80) instead.
-            lo = _mm512_min_epi16(lo, _mm512_mask_mov_epi16(_mm512_set1_epi16(0x7f80), 0xffff, v));
+            // For the min, the padding lanes read as +inf instead.
+            lo = _mm512_min_epi16(lo, _mm512_mask_mov_epi16(_mm512_set1_epi16(INF), 0xffff, v));
             let h = horizontal_max(hi);
             if h > best {
                 (best, best_block) = (h, (full - 1) / BLOCK);
             }
         }
-        let lowest = lanes(lo).into_iter().min().unwrap_or(NEG_INF_ORDERED);
+        let lowest = lanes(lo).into_iter().min().unwrap_or(-INF);
         // Back from the order to the pattern, then to f32.
-        let value = |o: i16| {
-            let pattern = if o < 0 { o.unsigned_abs() | 0x8000 } else { o as u16 };
-            f32::from_bits(u32::from(pattern) << 16)
-        };
-        Pass1 {
-            max: value(best),
-            lowest: value(lowest),
-            bad: best >= 0x7f80 || lowest < NEG_INF_ORDERED,
-            block: best_block,
-        }
+        let value = |o: i16| decode(if o < 0 { o.unsigned_abs() | 0x8000 } else { o as u16 });
+        Pass1 { max: value(best), lowest: value(lowest), bad: best >= INF || lowest < -INF, block: best_block }
     }
 
     /// Pass 2 for bf16 on AVX-512: as [`super::sum_pass`], with two savings. One 64-byte load
@@ -799,7 +811,7 @@ mod tests {
         while x <= 0.0 {
             let xs: [f32; 16] = std::array::from_fn(|k| (x - k as f32 * 0.000_011).max(-87.0));
             // SAFETY: AVX-512F checked above.
-            let got = unsafe { x86::exp16_avx512(xs) };
+            let got = unsafe { x86::exp16_avx512::<true>(xs) };
             for k in 0..16 {
                 let want = f64::from(xs[k]).exp();
                 worst = worst.max(((f64::from(got[k]) - want) / want).abs());
@@ -809,49 +821,63 @@ mod tests {
         assert!(worst < 3e-7, "worst relative error {worst:e}");
     }
 
-    /// The bf16 integer max pass against the float one, on every pattern and on rows built to
-    /// catch its corners: signed zeros in different blocks, NaNs of either sign, infinities, an
-    /// odd number of vectors.
+    /// The integer max pass of both 16-bit formats against the float one, on every pattern and
+    /// on rows built to catch its corners: signed zeros in different blocks, NaNs of either
+    /// sign, infinities, an odd number of vectors.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn bf16_integer_max_pass_matches_the_float_one() {
+    fn integer_max_pass_matches_the_float_one() {
         if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")) {
-            eprintln!("no AVX-512BW on this machine: bf16_max_pass_avx512 not tested");
+            eprintln!("no AVX-512BW on this machine: half_max_pass_avx512 not tested");
             return;
         }
-        let check = |pats: &[u16]| {
-            let bytes: Vec<u8> = pats.iter().flat_map(|p| p.to_le_bytes()).collect();
-            let full = pats.len() / LANES;
-            let want = max_pass::<2>(&bytes, full, block_of::<2>(get_bf16));
-            // SAFETY: AVX-512F/BW checked above.
-            let got = unsafe { x86::bf16_max_pass_avx512(&bytes, full) };
-            assert_eq!(got.bad, want.bad, "bad flag, {} vectors", full);
-            if !want.bad {
-                assert!(got.max == want.max, "max {} vs {}", got.max, want.max);
-                assert_eq!(got.block, want.block, "block of the max");
-                let lowest =
-                    pats[..full * LANES].iter().map(|&p| get_bf16(&p.to_le_bytes())).fold(f32::INFINITY, f32::min);
-                assert!(got.lowest == lowest, "lowest {} vs {lowest}", got.lowest);
+        for dtype in [Dtype::BF16, Dtype::F16] {
+            let get = if dtype == Dtype::BF16 { get_bf16 } else { get_f16 };
+            let check = |pats: &[u16]| {
+                let bytes: Vec<u8> = pats.iter().flat_map(|p| p.to_le_bytes()).collect();
+                let full = pats.len() / LANES;
+                let want = max_pass::<2>(&bytes, full, block_of::<2>(get));
+                // SAFETY: AVX-512F/BW checked above.
+                let got = unsafe {
+                    match dtype {
+                        Dtype::BF16 => x86::half_max_pass_avx512::<{ x86::BF16_INF }>(&bytes, full, |p| {
+                            f32::from_bits(u32::from(p) << 16)
+                        }),
+                        _ => x86::half_max_pass_avx512::<{ x86::F16_INF }>(&bytes, full, f16_to_f32),
+                    }
+                };
+                assert_eq!(got.bad, want.bad, "{dtype}: bad flag, {full} vectors");
+                if !want.bad {
+                    assert!(got.max == want.max, "{dtype}: max {} vs {}", got.max, want.max);
+                    assert_eq!(got.block, want.block, "{dtype}: block of the max");
+                    let lowest =
+                        pats[..full * LANES].iter().map(|&p| get(&p.to_le_bytes())).fold(f32::INFINITY, f32::min);
+                    assert!(got.lowest == lowest, "{dtype}: lowest {} vs {lowest}", got.lowest);
+                }
+            };
+            let (neg_inf, pos_inf) = if dtype == Dtype::BF16 { (0xff80u16, 0x7f80u16) } else { (0xfc00, 0x7c00) };
+            // Every pattern, in vectors of 16: each vector on its own, with -inf elsewhere.
+            for p in (0..=u16::MAX).step_by(16) {
+                let mut row = vec![neg_inf; 3 * 16];
+                for k in 0..16 {
+                    row[16 + k] = p + k as u16;
+                }
+                check(&row);
             }
-        };
-        // Every pattern, in vectors of 16: each vector on its own, with -inf elsewhere.
-        for p in (0..=u16::MAX).step_by(16) {
-            let mut row = vec![0xff80u16; 3 * 16];
-            for k in 0..16 {
-                row[16 + k] = p + k as u16;
-            }
+            let len = 5 * BLOCK * LANES + 16; // an odd number of vectors over several blocks
+            let values: Vec<f32> = (0..len).map(|i| -((i % 97) as f32) - 1.0).collect();
+            let mut row: Vec<u16> = bytemuck::cast_slice::<u8, u16>(&dtype.encode(&values)).to_vec();
             check(&row);
-        }
-        let len = 5 * BLOCK * LANES + 16; // an odd number of vectors over several blocks
-        let mut row: Vec<u16> = (0..len).map(|i| half::bf16::from_f32(-((i % 97) as f32) - 1.0).to_bits()).collect();
-        check(&row);
-        row[3] = 0x8000; // -0 early, +0 in a later block: equal, so the first block holds the max
-        row[2 * BLOCK * LANES + 5] = 0x0000;
-        check(&row);
-        for (at, p) in [(7, 0x7f80u16), (len - 20, 0xffc1), (len - 1, 0x7fc0), (BLOCK * LANES, 0xff80)] {
-            let mut r = row.clone();
-            r[at] = p;
-            check(&r);
+            row[3] = 0x8000; // -0 early, +0 in a later block: equal, so the first block holds the max
+            row[2 * BLOCK * LANES + 5] = 0x0000;
+            check(&row);
+            for (at, p) in
+                [(7, pos_inf), (len - 20, neg_inf | 0x41), (len - 1, pos_inf | 0x40), (BLOCK * LANES, neg_inf)]
+            {
+                let mut r = row.clone();
+                r[at] = p;
+                check(&r);
+            }
         }
     }
 
