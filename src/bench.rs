@@ -96,6 +96,17 @@ fn submit_wait(ctx: &GpuContext, encoder: wgpu::CommandEncoder) -> Result<f64> {
     Ok(secs)
 }
 
+/// Resolves `timer`'s queries into `encoder`, submits it, waits, and returns the wall time and
+/// (with a timer) the device time of the pass it timed.
+fn finish_timed(ctx: &GpuContext, mut encoder: wgpu::CommandEncoder, timer: Option<&Timer>) -> Result<Timing> {
+    if let Some(t) = timer {
+        t.resolve(&mut encoder);
+    }
+    let wall = submit_wait(ctx, encoder)?;
+    let device = timer.map(|t| t.seconds(ctx)).transpose()?;
+    Ok(Timing { wall, device })
+}
+
 /// Uploads `bytes` into a new storage buffer in 64 MiB pieces (bounded staging memory).
 fn upload(ctx: &GpuContext, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
     let size = (bytes.len() as u64).next_multiple_of(16).max(16);
@@ -201,12 +212,7 @@ impl<'c> Resident<'c> {
         };
         let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
         self.ctx.encode_timed(&mut encoder, &job, self.timer.as_ref().map(Timer::pass_writes))?;
-        if let Some(t) = &self.timer {
-            t.resolve(&mut encoder);
-        }
-        let wall = submit_wait(self.ctx, encoder)?;
-        let device = self.timer.as_ref().map(|t| t.seconds(self.ctx)).transpose()?;
-        Ok(Timing { wall, device })
+        finish_timed(self.ctx, encoder, self.timer.as_ref())
     }
 
     /// Reads back the results of the last run.
@@ -364,12 +370,7 @@ impl<'c> Unfused<'c> {
             pass.set_bind_group(0, &self.gather_group, &[]);
             pass.dispatch_workgroups(self.rows.div_ceil(64), 1, 1);
         }
-        if let Some(t) = &self.timer {
-            t.resolve(&mut encoder);
-        }
-        let wall = submit_wait(self.ctx, encoder)?;
-        let device = self.timer.as_ref().map(|t| t.seconds(self.ctx)).transpose()?;
-        Ok(Timing { wall, device })
+        finish_timed(self.ctx, encoder, self.timer.as_ref())
     }
 
     /// The per-row nll of the last run.

@@ -240,10 +240,10 @@ unsafe fn scan_avx512(dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Partial {
                 get_f16,
                 |b, n| unsafe { half_max_pass_avx512::<F16_INF>(b, n, f16_to_f32) },
                 |b, a, n, mx, p1| {
-                    if p1.lowest - mx >= -87.0 {
-                        sum_pass::<2>(b, a, n, mx, p1.block, load, |x| unsafe { exp16_avx512::<false>(x) })
-                    } else {
+                    if p1.needs_clamp(mx) {
                         sum_pass::<2>(b, a, n, mx, p1.block, load, |x| unsafe { exp16_avx512::<true>(x) })
+                    } else {
+                        sum_pass::<2>(b, a, n, mx, p1.block, load, |x| unsafe { exp16_avx512::<false>(x) })
                     }
                 },
             )
@@ -460,10 +460,10 @@ mod x86 {
         p1: &Pass1,
     ) -> (f64, Option<usize>) {
         debug_assert!(bytes.len() >= full * LANES * 2);
-        if p1.lowest - mx >= -87.0 {
-            sum_pairs::<false>(bytes, ahead, full, mx, p1.block)
-        } else {
+        if p1.needs_clamp(mx) {
             sum_pairs::<true>(bytes, ahead, full, mx, p1.block)
+        } else {
+            sum_pairs::<false>(bytes, ahead, full, mx, p1.block)
         }
     }
 
@@ -664,6 +664,16 @@ struct Pass1 {
     bad: bool,
     /// The first block of [`BLOCK`] vectors holding the max.
     block: usize,
+}
+
+impl Pass1 {
+    /// Whether `exp(x - mx)` may see arguments below -87 (or -inf) and so needs its clamp;
+    /// `false` only when [`Pass1::lowest`] proves every value close enough to `mx` (a NaN
+    /// `lowest`, from a run with no whole vector, keeps the clamp).
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    fn needs_clamp(&self, mx: f32) -> bool {
+        !(self.lowest - mx >= -87.0)
+    }
 }
 
 /// Pass 1 over the first `full` vectors of `bytes` (decoded by `load`).
