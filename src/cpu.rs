@@ -33,7 +33,7 @@ use crate::error::Result;
 use crate::problem::{validate_targets, Dtype, Logits, Options, RowLoss, Targets, IGNORED_TARGET};
 
 /// Lanes per block: one AVX-512 register of f32.
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 /// Logits per part of a row when a row is cut: 64k f32 = 256 KiB, comfortably inside L2.
 const PART: usize = 1 << 16;
 
@@ -62,14 +62,14 @@ pub fn isa() -> &'static str {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
+pub(crate) enum Isa {
     Avx512,
     Avx2,
     Portable,
 }
 
 impl Isa {
-    fn detect() -> Isa {
+    pub(crate) fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             // Every feature the chosen function enables must be checked here.
@@ -211,7 +211,7 @@ fn scan(isa: Isa, dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Partial {
 }
 
 /// Whether the portable build may use fused multiply-add (always on aarch64, whose baseline has it).
-const PORTABLE_FMA: bool = cfg!(target_arch = "aarch64");
+pub(crate) const PORTABLE_FMA: bool = cfg!(target_arch = "aarch64");
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -265,7 +265,7 @@ unsafe fn scan_avx2(dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Partial {
 
 /// Block loaders for x86: 16 half-precision logits widened to f32 in registers.
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Pass1, BLOCK, LANES};
@@ -553,21 +553,21 @@ mod x86 {
     }
 }
 
-fn get_f32(b: &[u8]) -> f32 {
+pub(crate) fn get_f32(b: &[u8]) -> f32 {
     f32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-fn get_bf16(b: &[u8]) -> f32 {
+pub(crate) fn get_bf16(b: &[u8]) -> f32 {
     f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)
 }
 
-fn get_f16(b: &[u8]) -> f32 {
+pub(crate) fn get_f16(b: &[u8]) -> f32 {
     f16_to_f32(u16::from_le_bytes([b[0], b[1]]))
 }
 
 /// A block loader from an element decoder (left to the compiler to vectorise).
 #[inline(always)]
-fn block_of<const N: usize>(get: impl Fn(&[u8]) -> f32 + Copy) -> impl Fn(&[u8]) -> [f32; LANES] + Copy {
+pub(crate) fn block_of<const N: usize>(get: impl Fn(&[u8]) -> f32 + Copy) -> impl Fn(&[u8]) -> [f32; LANES] + Copy {
     move |b: &[u8]| std::array::from_fn(|k| get(&b[k * N..k * N + N]))
 }
 
@@ -604,7 +604,7 @@ fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 
 /// e^x for x <= 0 (about 1 ulp over [-87, 0]; arguments below -87 give e^-87).
 #[inline(always)]
-fn exp_neg<const FMA: bool>(x: f32) -> f32 {
+pub(crate) fn exp_neg<const FMA: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -633,7 +633,7 @@ fn exp_neg<const FMA: bool>(x: f32) -> f32 {
 
 /// Hints that `bytes[at..]` will be read soon (a no-op off x86-64 or past the end).
 #[inline(always)]
-fn prefetch(bytes: &[u8], at: usize) {
+pub(crate) fn prefetch(bytes: &[u8], at: usize) {
     #[cfg(target_arch = "x86_64")]
     if at < bytes.len() {
         // SAFETY: `at` is in bounds; prefetching has no architectural effect (SSE is baseline on x86-64).
@@ -645,7 +645,7 @@ fn prefetch(bytes: &[u8], at: usize) {
 
 /// [`exp_neg`] on 16 lanes, for the compiler to vectorise.
 #[inline(always)]
-fn exp16<const FMA: bool>(x: [f32; LANES]) -> [f32; LANES] {
+pub(crate) fn exp16<const FMA: bool>(x: [f32; LANES]) -> [f32; LANES] {
     std::array::from_fn(|k| exp_neg::<FMA>(x[k]))
 }
 

@@ -62,6 +62,7 @@ mod error;
 pub mod eval;
 mod gpu;
 pub mod io;
+pub mod kld;
 mod problem;
 pub mod reference;
 mod stream;

@@ -110,3 +110,17 @@ fn sample(x: &[f32], u: f64) -> usize {
     }
     x.len() - 1
 }
+
+/// A pair of models' logits over the same tokens, for KL-divergence tests and benchmarks: the base
+/// is [`eval_set`]'s language-model-like rows, the test is the base plus Gaussian noise of standard
+/// deviation `noise` per logit (1e-3 to 1e-2: a good quantisation; 1: an unrelated-looking model).
+/// Targets as [`eval_set`]'s, `-100` for ignored rows.
+///
+/// # Panics
+/// As [`eval_set`].
+pub fn kld_pair(rows: usize, vocab: usize, seed: u64, noise: f32) -> (Vec<f32>, Vec<f32>, Vec<i64>) {
+    let (base, targets) = eval_set(rows, vocab, seed, -100);
+    let mut rng = Rng::new(seed ^ 0x6b6c_6421);
+    let test = base.iter().map(|&x| x + noise * rng.normal() as f32).collect();
+    (base, test, targets)
+}

@@ -334,3 +334,51 @@ fn info_bench_and_demo_run() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("gpu end-to-end") && text.contains("perplexity"), "{text}");
 }
+
+/// `--device auto` takes a hardware GPU, but passes a software adapter (lavapipe, llvmpipe,
+/// SwiftShader) over for the CPU path, which is faster on the same cores, and says why on stderr;
+/// `--device gpu` still runs on it. `bench --device auto` decides the same way.
+#[test]
+fn auto_prefers_the_cpu_over_a_software_adapter() {
+    let Some(ctx) = common::gpu() else {
+        return; // no adapter at all: `no_adapter_gpu_errors_and_auto_falls_back` covers it
+    };
+    let info = ctx.adapter_info();
+    let software = info.device_type == wgpu::DeviceType::Cpu;
+    eprintln!("adapter: {} ({:?})", info.name, info.device_type);
+    let d = dir("auto");
+    let (x, t) = random_case(6, 17, 16, 1.0);
+    let lp = npy(&d.join("l.npy"), "<f4", &[6, 17], bytemuck::cast_slice(&x));
+    let tp = npy(&d.join("t.npy"), "<i8", &[6], bytemuck::cast_slice(&t));
+    let score = |device: &str| run(&["score", "--logits", &lp, "--targets", &tp, "--device", device, "--json"]);
+
+    let o = score("auto");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let line =
+        err.lines().find(|l| l.starts_with("xent: device auto:")).unwrap_or_else(|| panic!("no choice said: {err}"));
+    let device = field(&String::from_utf8_lossy(&o.stdout), "device");
+    if software {
+        assert!(line.contains("using the CPU"), "{line}");
+        assert!(line.contains(&info.name) && line.contains("software renderer"), "{line}");
+        assert!(line.contains("--device gpu uses it anyway"), "{line}");
+        assert_eq!(device, "cpu", "{line}");
+    } else {
+        assert_eq!(line, format!("xent: device auto: using the GPU ({})", info.name));
+        assert_eq!(device, "gpu", "{line}");
+    }
+
+    let o = score("gpu");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(field(&String::from_utf8_lossy(&o.stdout), "device"), "gpu");
+    assert!(!stderr(&o).contains("device auto"), "{}", stderr(&o));
+
+    let o = run(&[
+        "bench", "--rows", "4", "--vocab", "100", "--dtype", "f32", "--iters", "1", "--device", "auto", "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(json.contains("gpu fused kernel"), !software, "{json}");
+    assert_eq!(json.contains("cpu fast"), software, "{json}");
+    assert_eq!(stderr(&o).contains("software renderer"), software, "{}", stderr(&o));
+}

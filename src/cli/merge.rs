@@ -1,0 +1,72 @@
+//! `xent merge`: summaries of shards scored apart, merged exactly into the summary of one run.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+use xent::Summary;
+
+use super::{human_summary, json_summary, output_kind, Kind};
+
+/// Flags of `xent merge`.
+#[derive(clap::Args)]
+pub struct MergeArgs {
+    /// Summary files written by `xent score --summary-out`.
+    #[arg(required = true)]
+    summaries: Vec<PathBuf>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Write the merged summary (mergeable again).
+    #[arg(long)]
+    summary_out: Option<PathBuf>,
+}
+
+/// Runs `xent merge`.
+///
+/// # Errors
+/// A summary file that cannot be read or is not an xent summary, or an output that cannot be written.
+pub fn run(a: &MergeArgs) -> Result<()> {
+    let mut total = Summary::default();
+    let mut seconds = 0.0;
+    for path in &a.summaries {
+        let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| anyhow!("{}: not JSON: {e}", path.display()))?;
+        let count = |k: &str| {
+            v.get(k).and_then(serde_json::Value::as_u64).ok_or_else(|| {
+                anyhow!("{}: not an xent summary (no count '{k}'; write one with score --summary-out)", path.display())
+            })
+        };
+        let exact = |k: &str| {
+            v.get(k).and_then(serde_json::Value::as_str).and_then(|s| s.parse::<i128>().ok()).ok_or_else(|| {
+                anyhow!(
+                    "{}: not an xent summary (no exact sum '{k}'; write one with score --summary-out)",
+                    path.display()
+                )
+            })
+        };
+        total.merge(&Summary {
+            tokens: count("tokens")?,
+            ignored: count("ignored")?,
+            correct: count("correct")?,
+            nan: count("nan")?,
+            infinite: count("infinite")?,
+            sum_nll_fixed: exact("sum_nll_fixed")?,
+            sum_nll_sq_fixed: exact("sum_nll_sq_fixed")?,
+        });
+        seconds += v.get("seconds").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    }
+    let json = json_summary(&total, "merged", seconds);
+    if let Some(path) = &a.summary_out {
+        if output_kind(path)? != Kind::Json {
+            bail!("{}: --summary-out writes .json", path.display());
+        }
+        xent::io::write_atomic(path, format!("{json}\n").as_bytes())?;
+    }
+    if a.json {
+        println!("{json}");
+    } else {
+        print!("{}", human_summary(&total, "merged summaries", seconds));
+    }
+    Ok(())
+}

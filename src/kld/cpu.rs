@@ -1,0 +1,350 @@
+//! The fast CPU path for KL divergence: SIMD, multi-threaded, each row pair read from memory once.
+//! Same outputs and semantics as the GPU kernel ([`KldRow`]); merges and finishing are
+//! [`super::math`]'s.
+//!
+//! A run of a row pair (at most [`PART`] logits of each side, so that both stay in L2) is scanned
+//! twice: pass 1 finds both maxima, their first indices and any NaN / `+inf`; pass 2, from cache,
+//! sums `exp(a − m_a)`, `exp(b − m_b)`, `w·g(e)` and `w·expm1(−e)` with the centre `c` fixed to
+//! `a − b` at the base's argmax — so no rescaling or re-centring happens inside a run, and the loop
+//! vectorises fully: two `exp`s and a degree-9 polynomial per logit pair. The `exp(−e)` the terms
+//! need where `|e| ≥ 1/2` is `exp(b − b_c)·…`, obtained as `exp(b − m_b)·exp(m_b − b_c)` (one
+//! multiply) whenever `m_b − b_c ≤ 20`, which holds for any pair of related models; otherwise a
+//! direct `exp` is taken per logit (correct, slower). Runtime dispatch (AVX-512, AVX2+FMA,
+//! portable) as in [`crate::cpu`], whose loaders and vector `exp` it shares.
+
+use rayon::prelude::*;
+
+use super::math::{g_series, Partial};
+use super::reference::kernel_targets;
+use super::KldRow;
+use crate::cpu::{block_of, exp16, get_bf16, get_f16, get_f32, prefetch, Isa, LANES, PORTABLE_FMA};
+use crate::error::Result;
+use crate::problem::{Dtype, Logits, Options, Targets};
+
+/// Logits per run of a row: 32k f32 per side = 256 KiB for the pair, comfortably inside L2.
+const PART: usize = 1 << 15;
+/// Vectors per block: lanes sum in f32 within a block, blocks in f64.
+const BLOCK: usize = 64;
+
+/// Compares every row pair on the CPU.
+///
+/// # Errors
+/// As [`kernel_targets`]: different shapes, a row-count mismatch, a target out of range.
+pub fn kld(base: Logits<'_>, test: Logits<'_>, targets: Option<Targets<'_>>, opts: &Options) -> Result<Vec<KldRow>> {
+    let t = kernel_targets(base, test, targets, opts)?;
+    Ok(kld_validated(base, test, &t))
+}
+
+/// Compares rows whose shapes and targets are already checked, on every thread: across rows, and
+/// across runs of a row when rows are fewer than threads or longer than [`PART`].
+pub(crate) fn kld_validated(base: Logits<'_>, test: Logits<'_>, targets: &[u32]) -> Vec<KldRow> {
+    let threads = rayon::current_num_threads();
+    let parts = base.vocab().div_ceil(PART).max(threads.div_ceil(base.rows().max(1)));
+    let plan = Plan::new(base.vocab(), parts);
+    let isa = Isa::detect();
+    let states: Vec<Partial> =
+        (0..base.rows() * plan.parts).into_par_iter().map(|u| plan.scan(isa, base, test, u)).collect();
+    states
+        .par_chunks(plan.parts)
+        .zip(targets.par_iter())
+        .enumerate()
+        .map(|(r, (ps, &t))| finish_row(base, test, r, ps, t))
+        .collect()
+}
+
+/// Compares rows one after another on the calling thread (runs of at most [`PART`], the same cut
+/// [`kld_validated`] makes when rows are at least as many as threads, so both give the same bits).
+pub(crate) fn kld_sequential(base: Logits<'_>, test: Logits<'_>, targets: &[u32]) -> Vec<KldRow> {
+    let plan = Plan::new(base.vocab(), base.vocab().div_ceil(PART));
+    let isa = Isa::detect();
+    let mut states = Vec::with_capacity(plan.parts);
+    (0..base.rows())
+        .map(|r| {
+            states.clear();
+            states.extend((0..plan.parts).map(|p| plan.scan(isa, base, test, r * plan.parts + p)));
+            finish_row(base, test, r, &states, targets[r])
+        })
+        .collect()
+}
+
+fn finish_row(base: Logits<'_>, test: Logits<'_>, r: usize, parts: &[Partial], t: u32) -> KldRow {
+    let st = parts.iter().skip(1).fold(parts[0], |a, b| a.merge(b));
+    let (a_t, b_t) =
+        if t < base.vocab() as u32 { (base.get(r, t as usize), test.get(r, t as usize)) } else { (0.0, 0.0) };
+    st.finish(t, a_t, b_t)
+}
+
+/// How rows are cut: `parts` runs of `len` logits (a multiple of the lane count).
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    parts: usize,
+    len: usize,
+}
+
+impl Plan {
+    fn new(vocab: usize, parts: usize) -> Plan {
+        let parts = parts.min(vocab.div_ceil(LANES * 64)).max(1);
+        let len = vocab.div_ceil(parts).next_multiple_of(LANES);
+        Plan { parts: vocab.div_ceil(len).max(1), len }
+    }
+
+    /// Scans unit `u` (row `u / parts`, run `u % parts`).
+    fn scan(&self, isa: Isa, base: Logits<'_>, test: Logits<'_>, u: usize) -> Partial {
+        let (r, p) = (u / self.parts, u % self.parts);
+        let lo = p * self.len;
+        let hi = (lo + self.len).min(base.vocab());
+        let (a, a_next) = run(base, r, lo, hi);
+        let (b, b_next) = run(test, r, lo, hi);
+        let mut st = scan(isa, base.dtype(), test.dtype(), [a, b], [a_next, b_next]);
+        st.idx_a = st.idx_a.map(|i| i + lo);
+        st.idx_b = st.idx_b.map(|i| i + lo);
+        st
+    }
+}
+
+/// Logits `lo..hi` of row `r`, and as many bytes after them (the next run, to prefetch).
+fn run<'a>(x: Logits<'a>, r: usize, lo: usize, hi: usize) -> (&'a [u8], &'a [u8]) {
+    let (es, rb, bytes) = (x.dtype().size(), x.row_bytes(), x.bytes());
+    let at = r * rb + hi * es;
+    (&bytes[r * rb + lo * es..at], &bytes[at..(at + (hi - lo) * es).min(bytes.len())])
+}
+
+/// Both sides' runs (`[base, test]`) and the bytes that follow them (prefetched during pass 2).
+type Runs<'a> = [&'a [u8]; 2];
+
+/// Calls `$go!(NA, load_a, NB, load_b)` with the element sizes and block loaders of both dtypes.
+macro_rules! for_dtypes {
+    ($da:expr, $db:expr, $f32:expr, $bf16:expr, $f16:expr, $go:ident) => {
+        match ($da, $db) {
+            (Dtype::F32, Dtype::F32) => $go!(4, $f32, 4, $f32),
+            (Dtype::F32, Dtype::BF16) => $go!(4, $f32, 2, $bf16),
+            (Dtype::F32, Dtype::F16) => $go!(4, $f32, 2, $f16),
+            (Dtype::BF16, Dtype::F32) => $go!(2, $bf16, 4, $f32),
+            (Dtype::BF16, Dtype::BF16) => $go!(2, $bf16, 2, $bf16),
+            (Dtype::BF16, Dtype::F16) => $go!(2, $bf16, 2, $f16),
+            (Dtype::F16, Dtype::F32) => $go!(2, $f16, 4, $f32),
+            (Dtype::F16, Dtype::BF16) => $go!(2, $f16, 2, $bf16),
+            (Dtype::F16, Dtype::F16) => $go!(2, $f16, 2, $f16),
+        }
+    };
+}
+
+/// Scans a run pair with the best instruction set available.
+fn scan(isa: Isa, da: Dtype, db: Dtype, runs: Runs<'_>, ahead: Runs<'_>) -> Partial {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::detect` checked these features on this CPU.
+        Isa::Avx512 => unsafe { scan_avx512(da, db, runs, ahead) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { scan_avx2(da, db, runs, ahead) },
+        _ => scan_portable(da, db, runs, ahead),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn scan_avx512(da: Dtype, db: Dtype, runs: Runs<'_>, ahead: Runs<'_>) -> Partial {
+    use crate::cpu::x86::*;
+    // SAFETY (all closures): this function runs only where AVX-512F/BW and F16C exist, and the
+    // block loaders are given whole 16-element slices.
+    let exp = |x| unsafe { exp16_avx512::<true>(x) };
+    let f32s = block_of::<4>(get_f32);
+    let bf16s = |b: &[u8]| unsafe { bf16x16_avx512(b) };
+    let f16s = |b: &[u8]| unsafe { f16x16_avx512(b) };
+    macro_rules! go {
+        ($na:literal, $la:expr, $nb:literal, $lb:expr) => {
+            pair_scan::<true, $na, $nb>(runs, ahead, $la, $lb, exp)
+        };
+    }
+    for_dtypes!(da, db, f32s, bf16s, f16s, go)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scan_avx2(da: Dtype, db: Dtype, runs: Runs<'_>, ahead: Runs<'_>) -> Partial {
+    use crate::cpu::x86::*;
+    let f32s = block_of::<4>(get_f32);
+    // SAFETY: this function runs only where AVX2 and F16C exist; slices are 32 bytes.
+    let bf16s = |b: &[u8]| unsafe { bf16x16_avx2(b) };
+    let f16s = |b: &[u8]| unsafe { f16x16_avx2(b) };
+    macro_rules! go {
+        ($na:literal, $la:expr, $nb:literal, $lb:expr) => {
+            pair_scan::<true, $na, $nb>(runs, ahead, $la, $lb, exp16::<true>)
+        };
+    }
+    for_dtypes!(da, db, f32s, bf16s, f16s, go)
+}
+
+fn scan_portable(da: Dtype, db: Dtype, runs: Runs<'_>, ahead: Runs<'_>) -> Partial {
+    let f32s = block_of::<4>(get_f32);
+    let bf16s = block_of::<2>(get_bf16);
+    let f16s = block_of::<2>(get_f16);
+    macro_rules! go {
+        ($na:literal, $la:expr, $nb:literal, $lb:expr) => {
+            pair_scan::<PORTABLE_FMA, $na, $nb>(runs, ahead, $la, $lb, exp16::<PORTABLE_FMA>)
+        };
+    }
+    for_dtypes!(da, db, f32s, bf16s, f16s, go)
+}
+
+/// Pass 1 of one side: the max (NaN skipped), whether a NaN or `+inf` occurs, and the first block
+/// of [`BLOCK`] vectors holding the max.
+// `!(v < inf)` is meant: it is true for NaN as well as +inf.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+#[inline(always)]
+fn max_pass<const N: usize>(
+    bytes: &[u8],
+    full: usize,
+    tail: &[f32; LANES],
+    load: impl Fn(&[u8]) -> [f32; LANES] + Copy,
+) -> (f32, bool, Option<usize>) {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut bad = [false; LANES];
+    let (mut best, mut best_block) = (f32::NEG_INFINITY, 0);
+    let mut scan_vec = |m: &mut [f32; LANES], v: [f32; LANES]| {
+        for k in 0..LANES {
+            m[k] = if v[k] > m[k] { v[k] } else { m[k] };
+            bad[k] |= !(v[k] < f32::INFINITY);
+        }
+    };
+    let blocks = full.div_ceil(BLOCK);
+    for blk in 0..=blocks {
+        if blk < blocks {
+            for i in blk * BLOCK..((blk + 1) * BLOCK).min(full) {
+                scan_vec(&mut m, load(&bytes[i * LANES * N..(i + 1) * LANES * N]));
+            }
+        } else {
+            scan_vec(&mut m, *tail);
+        }
+        let h = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if h > best {
+            (best, best_block) = (h, blk);
+        }
+    }
+    let bad = bad.iter().any(|&b| b);
+    // The first index of the max, looked for in the one block pass 1 named.
+    let idx = (best > f32::NEG_INFINITY).then(|| {
+        let lo = best_block * BLOCK;
+        (lo..((best_block + 1) * BLOCK).min(full))
+            .find_map(|i| {
+                let v = load(&bytes[i * LANES * N..(i + 1) * LANES * N]);
+                v.iter().position(|&x| x == best).map(|k| i * LANES + k)
+            })
+            .or_else(|| tail.iter().position(|&x| x == best).map(|k| full * LANES + k))
+    });
+    (best, bad, idx.flatten())
+}
+
+/// The two passes over one run pair of `N*`-byte logits; the last `< LANES` logits of each side
+/// are padded with −inf, which contributes nothing.
+#[inline(always)]
+fn pair_scan<const FMA: bool, const NA: usize, const NB: usize>(
+    runs: Runs<'_>,
+    ahead: Runs<'_>,
+    la: impl Fn(&[u8]) -> [f32; LANES] + Copy,
+    lb: impl Fn(&[u8]) -> [f32; LANES] + Copy,
+    exp16: impl Fn([f32; LANES]) -> [f32; LANES] + Copy,
+) -> Partial {
+    let [a, b] = runs;
+    let n = a.len() / NA;
+    let full = n / LANES;
+    // The tails through the same loaders (on a padded copy), so both sides decode identically.
+    let pad = |bytes: &[u8], size: usize, load: &dyn Fn(&[u8]) -> [f32; LANES]| -> [f32; LANES] {
+        let mut buf = [0u8; LANES * 4];
+        let rest = &bytes[full * LANES * size..];
+        buf[..rest.len()].copy_from_slice(rest);
+        let v = load(&buf[..LANES * size]);
+        std::array::from_fn(|k| if k < rest.len() / size { v[k] } else { f32::NEG_INFINITY })
+    };
+    let (ta, tb) = (pad(a, NA, &la), pad(b, NB, &lb));
+    let (ma, bad_a, idx_a) = max_pass::<NA>(a, full, &ta, la);
+    let (mb, bad_b, idx_b) = max_pass::<NB>(b, full, &tb, lb);
+    let mut st = Partial { ma, mb, idx_a, idx_b, bad: bad_a || bad_b, ..Partial::empty() };
+    let (Some(ia), Some(_)) = (idx_a, idx_b) else { return st };
+    if st.bad {
+        return st;
+    }
+    let at = |bytes: &[u8], size: usize, load: &dyn Fn(&[u8]) -> [f32; LANES], t: &[f32; LANES], i: usize| {
+        if i < full * LANES {
+            load(&bytes[i / LANES * LANES * size..(i / LANES + 1) * LANES * size])[i % LANES]
+        } else {
+            t[i - full * LANES]
+        }
+    };
+    let b_c = at(b, NB, &lb, &tb, ia);
+    let c = ma - b_c;
+    st.c = if c.is_finite() { c } else { 0.0 };
+    let spread = mb - b_c;
+    let sums = if spread <= 20.0 {
+        sum_pass::<FMA, NA, NB, false>(runs, ahead, full, [ta, tb], ma, mb, st.c, b_c, spread.exp(), la, lb, exp16)
+    } else {
+        sum_pass::<FMA, NA, NB, true>(runs, ahead, full, [ta, tb], ma, mb, st.c, b_c, 0.0, la, lb, exp16)
+    };
+    [st.sa, st.sb, st.g, st.y, st.mm] = sums;
+    st
+}
+
+/// Pass 2: `[Σ exp(a − ma), Σ exp(b − mb), Σ w·g(e), Σ w·expm1(−e), Σ w·e]`. `exp(−e)·w = exp(b − b_c)`
+/// is `exp(b − mb)·k` (`k = exp(mb − b_c)`), or with `DIRECT` a separate `exp`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn sum_pass<const FMA: bool, const NA: usize, const NB: usize, const DIRECT: bool>(
+    runs: Runs<'_>,
+    ahead: Runs<'_>,
+    full: usize,
+    tails: [[f32; LANES]; 2],
+    ma: f32,
+    mb: f32,
+    c: f32,
+    b_c: f32,
+    k: f32,
+    la: impl Fn(&[u8]) -> [f32; LANES] + Copy,
+    lb: impl Fn(&[u8]) -> [f32; LANES] + Copy,
+    exp16: impl Fn([f32; LANES]) -> [f32; LANES] + Copy,
+) -> [f64; 5] {
+    let [a, b] = runs;
+    let mut total = [0f64; 5];
+    let mut lanes = [[0f32; LANES]; 5];
+    let add = |lanes: &mut [[f32; LANES]; 5], xa: [f32; LANES], xb: [f32; LANES]| {
+        let w = exp16(std::array::from_fn(|j| xa[j] - ma));
+        let u = exp16(std::array::from_fn(|j| xb[j] - mb));
+        let v: [f32; LANES] =
+            if DIRECT { std::array::from_fn(|j| (xb[j] - b_c).exp()) } else { std::array::from_fn(|j| u[j] * k) };
+        for j in 0..LANES {
+            let (a_in, b_in) = (xa[j] > f32::NEG_INFINITY, xb[j] > f32::NEG_INFINITY);
+            let w = if a_in { w[j] } else { 0.0 };
+            let u = if b_in { u[j] } else { 0.0 };
+            let v = if b_in { v[j] } else { 0.0 };
+            let e = (xa[j] - xb[j]) - c;
+            let q = g_series(e);
+            let small = e.abs() < 0.5;
+            let tg = if small { w * q } else { w * (e - 1.0) + v };
+            let ty = if small { w * (q - e) } else { v - w };
+            lanes[0][j] += w;
+            lanes[1][j] += u;
+            lanes[2][j] += if a_in { tg } else { 0.0 };
+            lanes[3][j] += if a_in { ty } else { 0.0 };
+            lanes[4][j] += if a_in { w * e } else { 0.0 };
+        }
+    };
+    let mut flush = |lanes: &mut [[f32; LANES]; 5]| {
+        for (t, l) in total.iter_mut().zip(lanes.iter_mut()) {
+            *t += l.iter().map(|&x| f64::from(x)).sum::<f64>();
+            *l = [0.0; LANES];
+        }
+    };
+    for i0 in (0..full).step_by(BLOCK) {
+        for i in i0..(i0 + BLOCK).min(full) {
+            prefetch(ahead[0], i * LANES * NA);
+            prefetch(ahead[1], i * LANES * NB);
+            let xa = la(&a[i * LANES * NA..(i + 1) * LANES * NA]);
+            let xb = lb(&b[i * LANES * NB..(i + 1) * LANES * NB]);
+            add(&mut lanes, xa, xb);
+        }
+        flush(&mut lanes);
+    }
+    add(&mut lanes, tails[0], tails[1]);
+    flush(&mut lanes);
+    total
+}
