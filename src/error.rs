@@ -60,6 +60,9 @@ pub enum Error {
     /// A caller's buffer does not satisfy what `encode` needs.
     #[error("bad buffer for encode: {0}")]
     Buffer(String),
+    /// A summary file (JSON) that cannot be read back: not JSON, another kind, a missing or inconsistent field.
+    #[error("not a valid summary: {0}")]
+    Summary(String),
 }
 
 /// `Result` with [`Error`].

@@ -427,12 +427,8 @@ fn prepare(shards: &[Shard], layout: &Layout, opts: &EvalOptions) -> Result<(Vec
             Some(off) => (0..rows as u64).map(|r| (off.partition_point(|&o| o <= first_row + r) - 1) as u64).collect(),
             None => (0..rows).map(|r| seq_base + (r / seq_len) as u64).collect(),
         };
-        let last_of_sequence = |r: usize| r + 1 == rows || sequence[r + 1] != sequence[r];
-        let (targets, dropped) = if opts.shift {
-            (0..rows).map(|r| if last_of_sequence(r) { (IGNORED_TARGET, true) } else { (kernel[r + 1], false) }).unzip()
-        } else {
-            (kernel, vec![false; rows])
-        };
+        let (targets, dropped) =
+            if opts.shift { shift_labels(&kernel, &sequence) } else { (kernel, vec![false; rows]) };
         if opts.offsets.is_none() {
             seq_base += rows.div_ceil(seq_len) as u64;
         }
@@ -448,4 +444,20 @@ fn prepare(shards: &[Shard], layout: &Layout, opts: &EvalOptions) -> Result<(Vec
         None => seq_base as usize,
     };
     Ok((out, sequences))
+}
+
+/// The causal-LM shift over one shard: row `r` is scored against label `r + 1` of the same
+/// sequence (`sequence[r]` numbers each row's sequence), and the last row of each sequence is
+/// dropped (returned as ignored, with its `dropped` flag set).
+pub(crate) fn shift_labels(labels: &[u32], sequence: &[u64]) -> (Vec<u32>, Vec<bool>) {
+    let rows = labels.len();
+    (0..rows)
+        .map(|r| {
+            if r + 1 == rows || sequence[r + 1] != sequence[r] {
+                (IGNORED_TARGET, true)
+            } else {
+                (labels[r + 1], false)
+            }
+        })
+        .unzip()
 }

@@ -63,6 +63,7 @@ pub mod eval;
 mod gpu;
 pub mod io;
 pub mod kld;
+pub mod llamacpp;
 mod problem;
 pub mod reference;
 mod stream;

@@ -32,7 +32,11 @@ enum Command {
     Demo(cli::demo::DemoArgs),
     /// Write a generated evaluation set (Zipf-like logits, sampled targets) to files, in bounded memory.
     Gen(cli::gen::GenArgs),
-    /// Merge summaries of shards scored separately (`score --summary-out`): exactly the summary of one run.
+    /// KL divergence of a test model from a base model (llama.cpp's statistics); the base may be a llama.cpp base file.
+    Kld(cli::kld::KldArgs),
+    /// Write a llama.cpp --kl-divergence-base file from [n_chunk, n_ctx, V] logits and their tokens.
+    KldBase(cli::kld_base::KldBaseArgs),
+    /// Merge summaries of shards scored separately (`score` or `kld --summary-out`): exactly the summary of one run.
     Merge(cli::merge::MergeArgs),
 }
 
@@ -46,6 +50,8 @@ fn main() -> ExitCode {
         Command::Info(a) => cli::info::run(&a),
         Command::Demo(a) => cli::demo::run(&a),
         Command::Gen(a) => cli::gen::run(&a),
+        Command::Kld(a) => cli::kld::run(&a),
+        Command::KldBase(a) => cli::kld_base::run(&a),
         Command::Merge(a) => cli::merge::run(&a),
     };
     match result {

@@ -26,6 +26,28 @@ pub struct MergeArgs {
 /// # Errors
 /// A summary file that cannot be read or is not an xent summary, or an output that cannot be written.
 pub fn run(a: &MergeArgs) -> Result<()> {
+    // The first file says which kind of summaries these are; every other must be the same kind.
+    let kinds = a
+        .summaries
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p).with_context(|| p.display().to_string())?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| anyhow!("{}: not JSON: {e}", p.display()))?;
+            let kind = v.get("kind").and_then(serde_json::Value::as_str).unwrap_or("score").to_string();
+            Ok((kind, text))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if kinds.iter().any(|(k, _)| k == xent::kld::summary::KIND) {
+        if let Some(i) = kinds.iter().position(|(k, _)| k != xent::kld::summary::KIND) {
+            bail!(
+                "{}: a {} summary among kld summaries: score and kld summaries cannot be merged together",
+                a.summaries[i].display(),
+                kinds[i].0
+            );
+        }
+        return merge_kld(a, &kinds);
+    }
     let mut total = Summary::default();
     let mut seconds = 0.0;
     for path in &a.summaries {
@@ -45,6 +67,9 @@ pub fn run(a: &MergeArgs) -> Result<()> {
                 )
             })
         };
+        if v.get("kind").is_some_and(|k| k != "score") {
+            bail!("{}: not a score summary (kind {})", path.display(), v["kind"]);
+        }
         total.merge(&Summary {
             tokens: count("tokens")?,
             ignored: count("ignored")?,
@@ -67,6 +92,35 @@ pub fn run(a: &MergeArgs) -> Result<()> {
         println!("{json}");
     } else {
         print!("{}", human_summary(&total, "merged summaries", seconds));
+    }
+    Ok(())
+}
+
+/// Merges `kld --summary-out` files: exact sums, merged sketches for the percentiles.
+fn merge_kld(a: &MergeArgs, files: &[(String, String)]) -> Result<()> {
+    let mut total: Option<xent::kld::summary::KldSummary> = None;
+    let mut seconds = 0.0;
+    for (path, (_, text)) in a.summaries.iter().zip(files) {
+        let s = xent::kld::summary::KldSummary::from_json(text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(text)?;
+        seconds += v.get("seconds").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+        match &mut total {
+            Some(t) => t.merge(&s),
+            None => total = Some(s),
+        }
+    }
+    let total = total.ok_or_else(|| anyhow!("no summaries"))?;
+    let json = total.to_json("merged", seconds);
+    if let Some(path) = &a.summary_out {
+        if output_kind(path)? != Kind::Json {
+            bail!("{}: --summary-out writes .json", path.display());
+        }
+        xent::io::write_atomic(path, format!("{json}\n").as_bytes())?;
+    }
+    if a.json {
+        println!("{json}");
+    } else {
+        print!("{}", total.human());
     }
     Ok(())
 }

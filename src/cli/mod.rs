@@ -5,6 +5,8 @@ pub mod bench;
 pub mod demo;
 pub mod gen;
 pub mod info;
+pub mod kld;
+pub mod kld_base;
 pub mod merge;
 pub mod score;
 
@@ -78,6 +80,20 @@ pub(crate) fn auto_device() -> Option<GpuContext> {
             eprintln!("xent: device auto: {e}; using the CPU");
             None
         }
+    }
+}
+
+/// Fails unless the output `p` given to `flag` has one of the `allowed` formats: checked before any
+/// work, so a typo costs nothing.
+///
+/// # Errors
+/// An unknown extension, or one the flag does not write.
+pub(crate) fn check_output(p: &Option<PathBuf>, flag: &str, allowed: &[Kind]) -> Result<()> {
+    match p {
+        Some(p) if !allowed.contains(&output_kind(p)?) => {
+            bail!("{}: {flag} writes {}", p.display(), allowed.iter().map(|k| k.ext()).collect::<Vec<_>>().join(" or "))
+        }
+        _ => Ok(()),
     }
 }
 

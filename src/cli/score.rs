@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use xent::Options;
 
 use super::{
-    distinct_outputs, expand, human_summary, json_summary, num, output_kind, pick_device, progress_bar,
+    check_output, distinct_outputs, expand, human_summary, json_summary, num, output_kind, pick_device, progress_bar,
     stage_safetensors, DeviceArg, Kind,
 };
 
@@ -80,21 +80,9 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
         );
     }
     // Every output's format is checked before any work, so a typo costs nothing.
-    let check = |p: &Option<PathBuf>, flag: &str, allowed: &[Kind]| -> Result<()> {
-        match p {
-            Some(p) if !allowed.contains(&output_kind(p)?) => {
-                bail!(
-                    "{}: {flag} writes {}",
-                    p.display(),
-                    allowed.iter().map(|k| k.ext()).collect::<Vec<_>>().join(" or ")
-                )
-            }
-            _ => Ok(()),
-        }
-    };
-    check(&a.per_token, "--per-token", &[Kind::Npy, Kind::Safetensors])?;
-    check(&a.per_sequence, "--per-sequence", &[Kind::Jsonl, Kind::Safetensors])?;
-    check(&a.summary_out, "--summary-out", &[Kind::Json])?;
+    check_output(&a.per_token, "--per-token", &[Kind::Npy, Kind::Safetensors])?;
+    check_output(&a.per_sequence, "--per-sequence", &[Kind::Jsonl, Kind::Safetensors])?;
+    check_output(&a.summary_out, "--summary-out", &[Kind::Json])?;
     distinct_outputs(&[
         ("--per-token", a.per_token.as_deref()),
         ("--per-sequence", a.per_sequence.as_deref()),

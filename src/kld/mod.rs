@@ -26,8 +26,11 @@
 //! kernel), [`reference`] (the f64 oracle), [`cpu`] (the fast path).
 
 pub mod cpu;
+pub mod eval;
 pub mod math;
 pub mod reference;
+pub mod sketch;
+pub mod summary;
 
 /// Target value in the kernels' `u32` form meaning "no target given for this row": only the
 /// distribution statistics (KLD, same top) are computed. (Ignored rows are
