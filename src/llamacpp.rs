@@ -611,7 +611,7 @@ fn quantise_rows(logits: &[f32], v: usize, buf: &mut Vec<u8>) -> std::result::Re
 
 /// Rows read per block by [`write_base_file`]: bounded so memory stays small whatever the
 /// shape (at least one row).
-const BLOCK_BYTES: usize = 32 << 20;
+const BLOCK_BYTES: usize = 16 << 20;
 
 /// Writes a llama.cpp base file from logits `[n_chunk, n_ctx, V]` (f32, f16 or bf16) and tokens
 /// `[n_chunk, n_ctx]` (any integer type [`Tensor::targets`] reads): the header, the tokens, and
@@ -625,6 +625,11 @@ const BLOCK_BYTES: usize = 32 << 20;
 /// chunk and position); [`Error::File`] / [`Error::Io`] for read errors; [`Error::Io`] naming
 /// `out` for write errors.
 pub fn write_base_file(logits: &Tensor, tokens: &Tensor, out: &Path) -> Result<()> {
+    write_blocks(logits, tokens, out, BLOCK_BYTES)
+}
+
+/// [`write_base_file`], reading the logits in blocks of about `block_bytes` (at least one row).
+fn write_blocks(logits: &Tensor, tokens: &Tensor, out: &Path, block_bytes: usize) -> Result<()> {
     let bad = |t: &Tensor, reason: String| Error::File { path: t.name.clone(), reason };
     if !matches!(logits.elem, ElemType::F32 | ElemType::F16 | ElemType::BF16) {
         return Err(bad(logits, format!("logits must be f32, f16 or bf16, found {}", logits.elem)));
@@ -668,7 +673,7 @@ pub fn write_base_file(logits: &Tensor, tokens: &Tensor, out: &Path) -> Result<(
     let elem = logits.elem.size();
     let row_bytes = v * elem;
     let rpc = records_per_chunk(n_ctx);
-    let block = (BLOCK_BYTES / row_bytes).clamp(1, rpc.max(1));
+    let block = (block_bytes / row_bytes).clamp(1, rpc.max(1));
     let mut raw: Vec<u32> = Vec::new();
     let mut rows_f32: Vec<f32> = Vec::new();
     for c in 0..n_chunk {
@@ -713,4 +718,31 @@ pub fn write_base_file(logits: &Tensor, tokens: &Tensor, out: &Path) -> Result<(
         }
     }
     w.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reading one row per block writes the same file as reading whole chunks.
+    #[test]
+    fn blocks_do_not_change_the_file() {
+        let d = std::env::temp_dir().join(format!("xent-llamacpp-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let (n_chunk, n_ctx, v) = (2usize, 11usize, 5usize);
+        let logits: Vec<f32> = (0..n_chunk * n_ctx * v).map(|i| ((i * 37) % 23) as f32 * 0.7 - 8.0).collect();
+        let tokens: Vec<i64> = (0..n_chunk * n_ctx).map(|i| (i % v) as i64).collect();
+        let (lp, tp) = (d.join("l.npy"), d.join("t.npy"));
+        crate::io::write_npy(&lp, "<f4", &[n_chunk, n_ctx, v], bytemuck::cast_slice(&logits)).unwrap();
+        crate::io::write_npy(&tp, "<i8", &[n_chunk, n_ctx], bytemuck::cast_slice(&tokens)).unwrap();
+        let l = crate::io::open(&lp, None, &[]).unwrap();
+        let t = crate::io::open(&tp, None, &[]).unwrap();
+        let (whole, rows) = (d.join("whole.kld"), d.join("rows.kld"));
+        write_base_file(&l, &t, &whole).unwrap();
+        write_blocks(&l, &t, &rows, 1).unwrap();
+        let (a, b) = (std::fs::read(&whole).unwrap(), std::fs::read(&rows).unwrap());
+        assert_eq!(a.len(), HEADER_BYTES + 4 * n_chunk * n_ctx + n_chunk * 5 * (8 + 2 * 6));
+        assert_eq!(a, b);
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }

@@ -27,7 +27,8 @@ pub fn check(got: &[KldRow], want: &[RefKldRow], katol: f64, krtol: f64, atol: f
         if w.kld.is_finite() && w.kld > 0.0 {
             worst = worst.max((gk - w.kld).abs() / (katol + krtol * w.kld));
         }
-        for (name, g, w) in [("nll_base", g.nll_base, w.nll_base), ("nll_test", g.nll_test, w.nll_test), ("dp", g.dp, w.dp)]
+        for (name, g, w) in
+            [("nll_base", g.nll_base, w.nll_base), ("nll_test", g.nll_test, w.nll_test), ("dp", g.dp, w.dp)]
         {
             if !close(f64::from(g), w, atol, rtol) {
                 return Err(format!("row {i}: {name} got {g} want {w}"));

@@ -139,7 +139,7 @@ pub(crate) fn llama_interpolate(n: u64, fraction: f32, at: impl Fn(u64) -> f32) 
 
 /// [`llama_median`] over `n > 0` values given by rank.
 pub(crate) fn llama_median_by(n: u64, at: impl Fn(u64) -> f32) -> f32 {
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         0.5 * (at(n / 2) + at(n / 2 - 1))
     } else {
         at(n / 2)
@@ -191,6 +191,17 @@ impl PartialEq for ExactValues {
             && sorted(&self.kld) == sorted(&other.kld)
             && sorted(&self.dp) == sorted(&other.dp)
     }
+}
+
+/// Pushes, growing the capacity geometrically but never past `budget` values (so the exact store
+/// stays within 4 bytes per value of the budget).
+fn push_capped(v: &mut Vec<f32>, x: f32, budget: u64) {
+    if v.len() == v.capacity() {
+        let cap = usize::try_from(budget).unwrap_or(usize::MAX);
+        let extra = v.len().max(1024).min(cap.saturating_sub(v.len())).max(1);
+        v.reserve_exact(extra);
+    }
+    v.push(x);
 }
 
 /// Where the percentiles come from.
@@ -468,10 +479,10 @@ impl KldSummary {
         }
         if let Some(e) = &mut self.exact {
             if kept {
-                e.kld.push(kld);
+                push_capped(&mut e.kld, kld, self.budget);
             }
             if dp_kept {
-                e.dp.push(dp);
+                push_capped(&mut e.dp, dp, self.budget);
             }
         }
     }
@@ -587,7 +598,9 @@ impl KldSummary {
         &self.dp_sketch
     }
 
-    /// llama.cpp's statistics of everything pushed or merged (see [`KldStats`]).
+    /// llama.cpp's statistics of everything pushed or merged (see [`KldStats`]). With exact
+    /// percentiles this sorts a copy of the kept values (O(N log N), N ≤ the budget: about a second
+    /// at 2^24), so compute it once where several outputs are wanted.
     pub fn stats(&self) -> KldStats {
         let n = self.tokens;
         let (kld_mean, kld_stderr) = mean_and_uncertainty(self.kld.value(), self.kld2.value(), n);
