@@ -35,6 +35,10 @@ log "xent bench: ${BIG1} x ${V1}, ${BIG2} x ${V2}, (${SMALL_ROWS}) x ${SMALL_V},
 "$XENT" bench --device gpu --rows "$SMALL_ROWS" --vocab "$SMALL_V" --dtype f32,bf16 --iters "$ITERS" --json >"$OUT/bench_c.json" 2>>"$OUT/log.txt"
 "$XENT" bench --device gpu --rows 1024 --vocab "$V1" --dtype f32 --iters "$ITERS" --json >"$OUT/bench_d.json" 2>>"$OUT/log.txt"
 
+log "xent bench --kld: ${BIG1} x ${V1} and (${SMALL_ROWS}) x ${SMALL_V}, base and test of one dtype"
+"$XENT" bench --kld --device gpu --rows "$BIG1" --vocab "$V1" --dtype f32,bf16 --iters "$ITERS" --json >"$OUT/bench_kld_a.json" 2>>"$OUT/log.txt"
+"$XENT" bench --kld --device gpu --rows "$SMALL_ROWS" --vocab "$SMALL_V" --dtype f32 --iters "$ITERS" --json >"$OUT/bench_kld_b.json" 2>>"$OUT/log.txt"
+
 log "agreement input: ${AGREE} f32, scored by xent"
 ROWS=${AGREE%x*}; VOCAB=${AGREE#*x}
 "$XENT" gen --rows "$ROWS" --vocab "$VOCAB" --logits "$OUT/agree_logits.npy" --targets "$OUT/agree_targets.npy" 2>>"$OUT/log.txt"
@@ -47,6 +51,9 @@ if $PY -c "import torch, numpy" 2>/dev/null; then
     --dtypes f32,f16,bf16 --iters "$ITERS" --out "$OUT/torch.json" \
     --agree "$OUT/agree_logits.npy" "$OUT/agree_targets.npy" "$OUT/agree_nll.npy" >/dev/null 2>>"$OUT/log.txt" \
     || echo "torch peers failed (see log)" | tee -a "$OUT/log.txt"
+  $PY benches/peers/torch_gpu.py --kld --shapes "${BIG1}x${V1},1x${SMALL_V},64x${SMALL_V}" --dtypes f32,bf16 \
+    --iters "$ITERS" --out "$OUT/torch_kld.json" >/dev/null 2>>"$OUT/log.txt" \
+    || echo "torch kld peers failed (see log)" | tee -a "$OUT/log.txt"
 else
   echo "no torch here: peers skipped" | tee -a "$OUT/log.txt"
 fi

@@ -20,12 +20,15 @@ for f in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
     for r in b["results"]:
         rows.append((r["rows"], r["vocab"], r["dtype"], "xent " + r["path"], r["ms"], r["gb_per_s"], r["pct_of_ceiling"], r["plan"]))
 torch = {}
-tpath = os.path.join(out, "torch.json")
-if os.path.exists(tpath):
-    torch = json.load(open(tpath))
-    for r in torch["results"]:
+for name in ("torch.json", "torch_kld.json"):
+    tpath = os.path.join(out, name)
+    if not os.path.exists(tpath):
+        continue
+    t = json.load(open(tpath))
+    torch = t if name == "torch.json" else (torch or t)
+    for r in t["results"]:
         pct = 100 * r["gb_per_s"] / ceiling if ceiling else float("nan")
-        rows.append((r["rows"], r["vocab"], r["dtype"], r["path"], r["ms"], r["gb_per_s"], pct, torch["device"]))
+        rows.append((r["rows"], r["vocab"], r["dtype"], r["path"], r["ms"], r["gb_per_s"], pct, t["device"]))
 
 print(f"adapter: {adapter}; xent copy ceiling {ceiling} GB/s (read + written)"
       + (f"; torch copy ceiling {torch['copy_gb_per_s']:.1f} GB/s" if torch else ""))

@@ -1,5 +1,6 @@
 // Reduction through subgroup operations (Features::SUBGROUP), one row part per workgroup.
-// Appended to forward_common.wgsl.
+// Appended to a kernel and its `subgroup_reduce(State, lid) -> State` (which combines the states of
+// one subgroup with subgroup operations); uses the kernel's `State`, `merge`, `scan_unit`, `emit`.
 //
 // The subgroup size is whatever the device runs (8 on lavapipe, 32 on NVIDIA, 64 on AMD) and no
 // assumption is made about which invocations share a subgroup: each subgroup stores its state
@@ -24,19 +25,13 @@ fn main(
     }
     workgroupBarrier();
     let g = wid.x + wid.y * params.groups_x;
-    let st = scan_unit(g, 0u, lid, WG_SIZE);
-
-    let m = subgroupMax(st.m);
-    let s = subgroupAdd(st.s * exp(st.m - m));
-    let best = subgroupMax(st.best);
-    let idx = subgroupMin(select(NO_INDEX, st.idx, st.best == best));
-    let bad = subgroupOr(st.bad);
+    let st = subgroup_reduce(scan_unit(g, 0u, lid, WG_SIZE), lid);
     let first = subgroupMin(lid);
     let last = subgroupMax(lid);
     let count = subgroupAdd(1u);
     sg_holds[lid] = u32(first == lid);
     if first == lid {
-        sg_state[lid] = State(m, s, best, idx, bad);
+        sg_state[lid] = st;
         if first % sg_size != 0u || count != sg_size || last != first + sg_size - 1u {
             atomicStore(&sg_contiguous, 0u);
         }

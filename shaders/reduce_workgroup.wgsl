@@ -1,5 +1,6 @@
 // Reduction through workgroup memory only: works on every adapter.
-// Appended to forward_common.wgsl.
+// Appended to a kernel (online_softmax.wgsl + its own file); uses its `State`, `merge`,
+// `scan_unit`, `emit` and the WG_SIZE / ROWS_PER_WG overrides.
 
 var<workgroup> wg_state: array<State, MAX_WG>;
 

@@ -1,12 +1,14 @@
 //! Measurement helpers shared by `xent bench` and the criterion benches: the kernel on resident
 //! data (rotated over several copies so caches do not flatter), the copy ceiling of the same
 //! adapter, an empty dispatch's round trip, the unfused baseline, upload alone, and the CPU's
-//! memory read bandwidth.
+//! memory read bandwidth; for KL divergence, the fused kernel on resident pairs ([`KldResident`])
+//! and its unfused baseline ([`KldUnfused`]).
 
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::gpu::{read_buffer, EncodeJob, GpuContext, ROW_LOSS_BYTES};
+use crate::gpu::{read_buffer, EncodeJob, GpuContext, KldEncodeJob, KLD_ROW_BYTES, ROW_LOSS_BYTES};
+use crate::kld::KldRow;
 use crate::problem::{Dtype, Logits, RowLoss, IGNORED_TARGET};
 
 /// One timed run.
@@ -380,6 +382,240 @@ impl<'c> Unfused<'c> {
     pub fn results(&self) -> Result<Vec<f32>> {
         let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(&self.nll, 0, &self.read, 0, u64::from(self.rows) * 4);
+        self.ctx.queue().submit([encoder.finish()]);
+        let mut out = vec![0f32; self.rows as usize];
+        read_buffer(self.ctx.device(), &self.read, u64::from(self.rows) * 4, bytemuck::cast_slice_mut(&mut out))?;
+        Ok(out)
+    }
+}
+
+/// Base and test logits, targets and outputs uploaded once, ready for the fused KLD kernel again
+/// and again — the way an engine calls [`GpuContext::encode_kld`]. Like [`Resident`], several
+/// copies of the pair can be rotated so that each run reads memory, not a warm cache.
+#[derive(Debug)]
+pub struct KldResident<'c> {
+    ctx: &'c GpuContext,
+    copies: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    next: std::cell::Cell<usize>,
+    targets: wgpu::Buffer,
+    output: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    rows: u64,
+    vocab: u32,
+    dtypes: (Dtype, Dtype),
+    timer: Option<Timer>,
+}
+
+impl<'c> KldResident<'c> {
+    /// Uploads `base` and `test` logits (same rows and vocab; dtypes may differ) and kernel-form
+    /// `targets` (see [`crate::kld::reference::kernel_targets`]) once, with enough copies of the
+    /// pair (at most 16) that they total at least `min_total_bytes`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when the sides differ in shape or exceed the device's largest buffer;
+    /// [`Error::Gpu`] on a device error.
+    pub fn rotating(
+        ctx: &'c GpuContext,
+        base: Logits<'_>,
+        test: Logits<'_>,
+        targets: &[u32],
+        min_total_bytes: u64,
+    ) -> Result<Self> {
+        if base.rows() != test.rows() || base.vocab() != test.vocab() || targets.len() != base.rows() {
+            return Err(Error::Shape(format!(
+                "base {} x {}, test {} x {}, {} targets",
+                base.rows(),
+                base.vocab(),
+                test.rows(),
+                test.vocab(),
+                targets.len()
+            )));
+        }
+        let bytes = (base.bytes().len() + test.bytes().len()).max(1) as u64;
+        let n = min_total_bytes.div_ceil(bytes).clamp(1, 16);
+        let copies = (0..n)
+            .map(|_| {
+                Ok((upload(ctx, "xent resident base", base.bytes())?, upload(ctx, "xent resident test", test.bytes())?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let rows = base.rows() as u64;
+        use wgpu::BufferUsages as U;
+        Ok(KldResident {
+            ctx,
+            copies,
+            next: std::cell::Cell::new(0),
+            targets: upload(ctx, "xent resident targets", bytemuck::cast_slice(targets))?,
+            output: buffer(ctx, "xent resident kld output", rows * KLD_ROW_BYTES, U::STORAGE | U::COPY_SRC),
+            readback: buffer(ctx, "xent resident kld readback", rows * KLD_ROW_BYTES, U::MAP_READ | U::COPY_DST),
+            rows,
+            vocab: base.vocab() as u32,
+            dtypes: (base.dtype(), test.dtype()),
+            timer: Timer::new(ctx),
+        })
+    }
+
+    /// Copies of the pair being rotated.
+    pub fn copies(&self) -> usize {
+        self.copies.len()
+    }
+
+    /// Bytes of logits (both sides) one run reads.
+    pub fn logits_bytes(&self) -> u64 {
+        self.rows * u64::from(self.vocab) * (self.dtypes.0.size() + self.dtypes.1.size()) as u64
+    }
+
+    /// Runs the fused KLD kernel once, over the next copy, and waits for it.
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] on a device error.
+    pub fn run(&self) -> Result<Timing> {
+        let i = self.next.get();
+        self.next.set((i + 1) % self.copies.len());
+        let v = u64::from(self.vocab);
+        let job = KldEncodeJob {
+            base: &self.copies[i].0,
+            base_offset: 0,
+            base_dtype: self.dtypes.0,
+            base_row_stride: v,
+            test: &self.copies[i].1,
+            test_offset: 0,
+            test_dtype: self.dtypes.1,
+            test_row_stride: v,
+            rows: self.rows,
+            vocab: self.vocab,
+            targets: &self.targets,
+            targets_offset: 0,
+            ignore: Some(IGNORED_TARGET),
+            output: &self.output,
+            output_offset: 0,
+        };
+        let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
+        self.ctx.encode_kld_timed(&mut encoder, &job, self.timer.as_ref().map(Timer::pass_writes))?;
+        finish_timed(self.ctx, encoder, self.timer.as_ref())
+    }
+
+    /// Reads back the results of the last run.
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] on a device error.
+    pub fn results(&self) -> Result<Vec<KldRow>> {
+        if self.rows == 0 {
+            return Ok(Vec::new());
+        }
+        let bytes = self.rows * KLD_ROW_BYTES;
+        let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(&self.output, 0, &self.readback, 0, bytes);
+        self.ctx.queue().submit([encoder.finish()]);
+        let mut out = vec![KldRow::default(); self.rows as usize];
+        read_buffer(self.ctx.device(), &self.readback, bytes, bytemuck::cast_slice_mut(&mut out))?;
+        Ok(out)
+    }
+}
+
+/// The unfused KLD baseline on resident f32 pairs: `log_softmax` of both sides written out to
+/// `[rows, vocab]` buffers (`shaders/unfused.wgsl`), then a per-row sum of `p·(log p − log q)`
+/// (`shaders/kld_unfused.wgsl`) — what `F.kl_div(F.log_softmax(b), F.log_softmax(a),
+/// log_target=True).sum(-1)` does.
+#[derive(Debug)]
+pub struct KldUnfused<'c> {
+    ctx: &'c GpuContext,
+    softmax: wgpu::ComputePipeline,
+    sum: wgpu::ComputePipeline,
+    softmax_groups: [wgpu::BindGroup; 2],
+    sum_group: wgpu::BindGroup,
+    kld: wgpu::Buffer,
+    read: wgpu::Buffer,
+    rows: u32,
+    timer: Option<Timer>,
+}
+
+impl<'c> KldUnfused<'c> {
+    /// Uploads f32 `base` and `test` logits; allocates both `[rows, vocab]` log-probabilities.
+    ///
+    /// # Errors
+    /// [`Error::Dtype`] for logits other than f32; [`Error::Shape`] when the sides differ in
+    /// shape, or a side exceeds one binding (the baseline does not chunk).
+    pub fn new(ctx: &'c GpuContext, base: Logits<'_>, test: Logits<'_>) -> Result<Self> {
+        for x in [base, test] {
+            if x.dtype() != Dtype::F32 {
+                return Err(Error::Dtype {
+                    dtype: x.dtype().to_string(),
+                    expected: "the unfused KLD baseline is f32 only".into(),
+                });
+            }
+        }
+        if base.rows() != test.rows() || base.vocab() != test.vocab() {
+            return Err(Error::Shape("the unfused KLD baseline needs base and test of one shape".into()));
+        }
+        let bytes = base.bytes().len() as u64;
+        if bytes > ctx.max_binding_bytes() || base.rows() > 65_535 * 65_535 {
+            return Err(Error::Shape(format!("the unfused KLD baseline needs {bytes} bytes in one binding")));
+        }
+        const SOFTMAX: &str = include_str!("../shaders/unfused.wgsl");
+        const SUM: &str = include_str!("../shaders/kld_unfused.wgsl");
+        let softmax = ctx.auxiliary_pipeline("xent unfused log_softmax", SOFTMAX, "log_softmax");
+        let sum = ctx.auxiliary_pipeline("xent unfused kld sum", SUM, "kld_sum");
+        use wgpu::BufferUsages as U;
+        let rows = base.rows() as u32;
+        let params = {
+            let b = buffer(ctx, "xent unfused kld params", 16, U::UNIFORM | U::COPY_DST);
+            ctx.queue().write_buffer(&b, 0, bytemuck::cast_slice(&[rows, base.vocab() as u32, 0, 0]));
+            b
+        };
+        let logits = [upload(ctx, "xent unfused base", base.bytes())?, upload(ctx, "xent unfused test", test.bytes())?];
+        let logprobs = [
+            buffer(ctx, "xent unfused log p", bytes, U::STORAGE),
+            buffer(ctx, "xent unfused log q", bytes, U::STORAGE),
+        ];
+        let kld = buffer(ctx, "xent unfused kld", u64::from(rows) * 4, U::STORAGE | U::COPY_SRC);
+        let read = buffer(ctx, "xent unfused kld read", u64::from(rows) * 4, U::MAP_READ | U::COPY_DST);
+        let softmax_group = |k: usize| {
+            ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("xent unfused log_softmax"),
+                layout: &softmax.get_bind_group_layout(0),
+                entries: &[entry(0, &params), entry(1, &logits[k]), entry(2, &logprobs[k])],
+            })
+        };
+        let softmax_groups = [softmax_group(0), softmax_group(1)];
+        let sum_group = ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("xent unfused kld sum"),
+            layout: &sum.get_bind_group_layout(0),
+            entries: &[entry(0, &params), entry(1, &logprobs[0]), entry(2, &logprobs[1]), entry(3, &kld)],
+        });
+        Ok(KldUnfused { ctx, softmax, sum, softmax_groups, sum_group, kld, read, rows, timer: Timer::new(ctx) })
+    }
+
+    /// Runs both log-softmaxes then the sum once (one pass, three dispatches) and waits.
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] on a device error.
+    pub fn run(&self) -> Result<Timing> {
+        let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("xent unfused kld"),
+                timestamp_writes: self.timer.as_ref().map(Timer::pass_writes),
+            });
+            let gx = self.rows.clamp(1, 65_535);
+            pass.set_pipeline(&self.softmax);
+            for group in &self.softmax_groups {
+                pass.set_bind_group(0, group, &[]);
+                pass.dispatch_workgroups(gx, self.rows.div_ceil(gx), 1);
+            }
+            pass.set_pipeline(&self.sum);
+            pass.set_bind_group(0, &self.sum_group, &[]);
+            pass.dispatch_workgroups(gx, self.rows.div_ceil(gx), 1);
+        }
+        finish_timed(self.ctx, encoder, self.timer.as_ref())
+    }
+
+    /// The per-row KLD of the last run.
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] on a device error.
+    pub fn results(&self) -> Result<Vec<f32>> {
+        let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(&self.kld, 0, &self.read, 0, u64::from(self.rows) * 4);
         self.ctx.queue().submit([encoder.finish()]);
         let mut out = vec![0f32; self.rows as usize];
         read_buffer(self.ctx.device(), &self.read, u64::from(self.rows) * 4, bytemuck::cast_slice_mut(&mut out))?;

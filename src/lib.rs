@@ -71,9 +71,9 @@ mod summary;
 pub mod synth;
 
 pub use error::{Error, Result};
-pub use gpu::{read_buffer, EncodeJob, GpuContext, Plan, Reduction, ROW_LOSS_BYTES};
+pub use gpu::{read_buffer, EncodeJob, GpuContext, KldEncodeJob, Plan, Reduction, KLD_ROW_BYTES, ROW_LOSS_BYTES};
 pub use problem::{validate_targets, Dtype, Logits, Options, RowLoss, Targets, IGNORED_TARGET};
-pub use stream::{Stream, RING};
+pub use stream::{KldKernel, KldStream, ScoreKernel, Stream, StreamKernel, RING};
 pub use summary::Summary;
 
 /// The README's examples, compiled and run as doctests.

@@ -97,6 +97,19 @@ impl Generator {
     }
 }
 
+/// Adds Gaussian noise of standard deviation `noise` to rows `first_row..` of `logits` (whole rows
+/// of `vocab`), deterministically per `(seed, row)`: the "test model" of a generated pair, so that
+/// any block of a large pair of files can be generated on its own.
+pub fn perturb(logits: &mut [f32], vocab: usize, first_row: usize, seed: u64, noise: f32) {
+    logits.par_chunks_mut(vocab.max(1)).enumerate().for_each(|(i, x)| {
+        let r = (first_row + i) as u64;
+        let mut rng = Rng::new(!seed ^ (r + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        for v in x {
+            *v += noise * rng.normal() as f32;
+        }
+    });
+}
+
 /// Index drawn from softmax(x) by inverse CDF at `u` in `[0, 1)`.
 fn sample(x: &[f32], u: f64) -> usize {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;

@@ -252,7 +252,7 @@ fn chunked_path_matches_reference() {
 
 fn chunked_path_with(plan: Option<xent::Plan>) {
     let Some(mut ctx) = new_gpu() else { return };
-    ctx.set_max_binding_bytes(4096);
+    common::small_bindings(&mut ctx);
     ctx.force_plan(plan);
     for (rows, vocab) in [(97usize, 301usize), (40, 1000), (300, 7), (5, 977)] {
         for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
@@ -318,7 +318,7 @@ fn encode_over_caller_buffers_with_offsets_and_stride() {
     }
     // One encode split into many chunks (each with its own parameters at an aligned offset).
     let mut small = new_gpu().unwrap();
-    small.set_max_binding_bytes(4096);
+    common::small_bindings(&mut small);
     encode_with_offsets(&small);
 }
 

@@ -6,6 +6,8 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+mod common;
+
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llamacpp");
 
 fn fixture(name: &str) -> String {
@@ -247,6 +249,22 @@ fn kld_files_shards_merge_and_per_token() {
     let per_token: &[f32] = bytemuck::cast_slice(per_token.bytes());
     for (i, (g, w)) in per_token.iter().zip(&want).enumerate() {
         assert!((f64::from(*g) - w.kld).abs() <= 1e-7 + 1e-4 * w.kld, "row {i}: {g} vs {}", w.kld);
+    }
+    // The GPU path over the same files (lavapipe counts; a loud skip without any adapter).
+    if common::gpu().is_some() {
+        let pt_gpu = d.join("pt-gpu.npy");
+        let on_gpu: Vec<String> = all(&["--json", "--device", "gpu", "--per-token", pt_gpu.to_str().unwrap()]);
+        let g = json(&on_gpu.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(g["device"], "gpu");
+        assert_eq!(g["tokens"], v["tokens"]);
+        assert_eq!(g["same_top"], v["same_top"]);
+        let got = g["kld_mean"].as_f64().unwrap();
+        assert!((got - mean).abs() <= 1e-7 + 1e-4 * mean, "gpu kld_mean {got} vs reference {mean}");
+        let per_token = xent::io::open(&pt_gpu, None, &[]).unwrap();
+        let per_token: &[f32] = bytemuck::cast_slice(per_token.bytes());
+        for (i, (g, w)) in per_token.iter().zip(&want).enumerate() {
+            assert!((f64::from(*g) - w.kld).abs() <= 1e-7 + 1e-4 * w.kld, "gpu row {i}: {g} vs {}", w.kld);
+        }
     }
     // Shards compared apart and merged: the same summary as one run, exact sums to the last digit.
     let mut outs = Vec::new();

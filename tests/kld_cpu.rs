@@ -101,8 +101,9 @@ fn masked_infinite_and_broken_rows() {
         a[j] = ninf;
         b[j] = ninf;
     }
-    // Row 1: masked on the base only (p = 0 there: fine).
+    // Row 1: masked on the base only (p = 0 there), where the test puts real mass: lse_b moves.
     a[vocab + 7] = ninf;
+    b[vocab + 7] = 3.0;
     // Row 2: masked on the test only where p > 0: kld = +inf.
     b[2 * vocab + 9] = ninf;
     // Row 3: a NaN; row 4: +inf; row 5: only -inf on the base.

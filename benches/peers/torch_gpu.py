@@ -53,6 +53,12 @@ def copy_ceiling(device, nbytes=1 << 30):
     return 2 * nbytes / secs
 
 
+def kld(a, b):
+    """Per-token KL(P_a || Q_b) as people write it in PyTorch, plus both argmaxes (same-top)."""
+    k = F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="none").sum(-1)
+    return k, a.argmax(-1), b.argmax(-1)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="8192x128256")
@@ -60,6 +66,8 @@ def main():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--agree", nargs=3, metavar=("LOGITS", "TARGETS", "XENT_NLL"))
+    p.add_argument("--kld", action="store_true",
+                   help="time per-token KL divergence of two models' logits (kl_div of both log_softmax, plus both argmaxes)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
 
@@ -70,7 +78,7 @@ def main():
     if not a.no_compile:
         try:
             # dynamic=True: one compilation per dtype rather than per shape, to fit a short GPU session.
-            compiled = torch.compile(lambda x, t: F.cross_entropy(x, t, reduction="none"), dynamic=True)
+            compiled = torch.compile(kld if a.kld else (lambda x, t: F.cross_entropy(x, t, reduction="none")), dynamic=True)
         except Exception as e:  # noqa: BLE001 - report and go on without it
             print(f"torch.compile unavailable: {e}", file=sys.stderr)
 
@@ -80,10 +88,17 @@ def main():
             dtype = DTYPES[dname]
             g = torch.Generator(device=device).manual_seed(0)
             x = (torch.randn(rows, vocab, device=device, generator=g) * 2).to(dtype)
-            t = torch.randint(0, vocab, (rows,), device=device, generator=g)
-            nbytes = x.numel() * x.element_size()
-            for path, fn in [("torch eager", lambda: F.cross_entropy(x, t, reduction="none")),
-                             ("torch.compile", (lambda: compiled(x, t)) if compiled else None)]:
+            if a.kld:
+                # The test model: the base plus noise 0.01; both inputs are read, so both count.
+                t = (x.float() + 0.01 * torch.randn(rows, vocab, device=device, generator=g)).to(dtype)
+                nbytes = 2 * x.numel() * x.element_size()
+                eager, name = (lambda: kld(x, t)), "torch kld"
+            else:
+                t = torch.randint(0, vocab, (rows,), device=device, generator=g)
+                nbytes = x.numel() * x.element_size()
+                eager, name = (lambda: F.cross_entropy(x, t, reduction="none")), "torch"
+            for path, fn in [(f"{name} eager", eager),
+                             (f"{name}.compile" if a.kld else "torch.compile", (lambda: compiled(x, t)) if compiled else None)]:
                 if fn is None:
                     continue
                 try:

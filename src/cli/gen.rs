@@ -22,6 +22,10 @@ pub struct GenArgs {
     /// Seed of the generator.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Add Gaussian noise of this standard deviation to every logit: the same seed with and without
+    /// --noise gives a base model and a perturbed "test" model over the same tokens (for `xent kld`).
+    #[arg(long)]
+    noise: Option<f32>,
     /// Output logits file, .npy or .safetensors (tensor "logits").
     #[arg(long)]
     logits: PathBuf,
@@ -37,6 +41,9 @@ pub struct GenArgs {
 pub fn run(a: &GenArgs) -> Result<()> {
     if a.vocab == 0 {
         bail!("--vocab must be at least 1");
+    }
+    if a.noise.is_some_and(|n| !n.is_finite() || n < 0.0) {
+        bail!("--noise must be a finite standard deviation >= 0");
     }
     let dtype: Dtype = a.dtype.into();
     let is_st = |p: &PathBuf| p.extension().is_some_and(|e| e == "safetensors");
@@ -72,6 +79,9 @@ pub fn run(a: &GenArgs) -> Result<()> {
         let n = block.min(a.rows - r0);
         x.resize(n * a.vocab, 0f32);
         generator.fill(r0, &mut x, &mut targets[r0..r0 + n]);
+        if let Some(noise) = a.noise {
+            xent::synth::perturb(&mut x, a.vocab, r0, a.seed, noise);
+        }
         lw.write(&dtype.encode(&x))?;
     }
     let tb: &[u8] = bytemuck::cast_slice(&targets);

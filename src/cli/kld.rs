@@ -67,6 +67,9 @@ pub struct KldArgs {
     targets_key: Option<String>,
 }
 
+/// A comparison run given a progress callback.
+type Compare<'a> = dyn FnMut(&mut dyn FnMut(u64, u64)) -> xent::Result<KldEvalResult> + 'a;
+
 /// Runs `xent kld`.
 ///
 /// # Errors
@@ -126,7 +129,7 @@ pub fn run(a: &KldArgs) -> Result<()> {
     };
     let start = Instant::now();
     let visible = !a.quiet && !a.json && std::io::stdout().is_terminal();
-    let run_with_bar = |total: u64, f: &mut dyn FnMut(&mut dyn FnMut(u64, u64)) -> xent::Result<KldEvalResult>| {
+    let run_with_bar = |total: u64, f: &mut Compare<'_>| {
         let bar = progress_bar(total, visible);
         let mut rows_done = 0u64;
         let mut progress = |rows: u64, bytes: u64| {

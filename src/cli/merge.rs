@@ -31,9 +31,10 @@ pub fn run(a: &MergeArgs) -> Result<()> {
         .summaries
         .iter()
         .map(|p| {
-            let text = std::fs::read_to_string(p).with_context(|| p.display().to_string())?;
+            let bytes = std::fs::read(p).with_context(|| p.display().to_string())?;
             let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| anyhow!("{}: not JSON: {e}", p.display()))?;
+                serde_json::from_slice(&bytes).map_err(|e| anyhow!("{}: not JSON: {e}", p.display()))?;
+            let text = String::from_utf8(bytes).map_err(|e| anyhow!("{}: not JSON: {e}", p.display()))?;
             let kind = v.get("kind").and_then(serde_json::Value::as_str).unwrap_or("score").to_string();
             Ok((kind, text))
         })

@@ -202,20 +202,14 @@ fn max_pass<const N: usize>(
     let mut m = [f32::NEG_INFINITY; LANES];
     let mut bad = [false; LANES];
     let (mut best, mut best_block) = (f32::NEG_INFINITY, 0);
-    let mut scan_vec = |m: &mut [f32; LANES], v: [f32; LANES]| {
-        for k in 0..LANES {
-            m[k] = if v[k] > m[k] { v[k] } else { m[k] };
-            bad[k] |= !(v[k] < f32::INFINITY);
-        }
-    };
     let blocks = full.div_ceil(BLOCK);
     for blk in 0..=blocks {
         if blk < blocks {
             for i in blk * BLOCK..((blk + 1) * BLOCK).min(full) {
-                scan_vec(&mut m, load(&bytes[i * LANES * N..(i + 1) * LANES * N]));
+                max_vec(&mut m, &mut bad, load(&bytes[i * LANES * N..(i + 1) * LANES * N]));
             }
         } else {
-            scan_vec(&mut m, *tail);
+            max_vec(&mut m, &mut bad, *tail);
         }
         let h = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if h > best {
@@ -234,6 +228,18 @@ fn max_pass<const N: usize>(
             .or_else(|| tail.iter().position(|&x| x == best).map(|k| full * LANES + k))
     });
     (best, bad, idx.flatten())
+}
+
+/// One vector of pass 1. (Hot code is in functions, never closures: a closure defined outside the
+/// `#[target_feature]` function would be compiled for the baseline instruction set.)
+// `!(v < inf)` is meant: it is true for NaN as well as +inf.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+#[inline(always)]
+fn max_vec(m: &mut [f32; LANES], bad: &mut [bool; LANES], v: [f32; LANES]) {
+    for k in 0..LANES {
+        m[k] = if v[k] > m[k] { v[k] } else { m[k] };
+        bad[k] |= !(v[k] < f32::INFINITY);
+    }
 }
 
 /// The two passes over one run pair of `N*`-byte logits; the last `< LANES` logits of each side
@@ -281,11 +287,62 @@ fn pair_scan<const FMA: bool, const NA: usize, const NB: usize>(
     } else {
         sum_pass::<FMA, NA, NB, true>(runs, ahead, full, [ta, tb], ma, mb, st.c, b_c, 0.0, la, lb, exp16)
     };
-    [st.sa, st.sb, st.g, st.y, st.mm] = sums;
+    [st.sa, st.sb, st.g, st.y, st.mm, st.zb] = sums;
     st
 }
 
-/// Pass 2: `[Σ exp(a − ma), Σ exp(b − mb), Σ w·g(e), Σ w·expm1(−e), Σ w·e]`. `exp(−e)·w = exp(b − b_c)`
+/// What pass 2 holds fixed over a run.
+struct Consts {
+    ma: f32,
+    mb: f32,
+    c: f32,
+    b_c: f32,
+    k: f32,
+}
+
+/// Adds one vector pair's terms to the lanes: `exp(a − ma)`, `exp(b − mb)`, `w·g(e)`,
+/// `w·expm1(−e)`, `w·e`, and `exp(b − mb)` where the base is −inf (−inf logits contribute nothing).
+#[inline(always)]
+fn add_pair<const DIRECT: bool>(
+    lanes: &mut [[f32; LANES]; 6],
+    xa: [f32; LANES],
+    xb: [f32; LANES],
+    p: &Consts,
+    exp16: impl Fn([f32; LANES]) -> [f32; LANES],
+) {
+    let w = exp16(std::array::from_fn(|j| xa[j] - p.ma));
+    let u = exp16(std::array::from_fn(|j| xb[j] - p.mb));
+    let v: [f32; LANES] =
+        if DIRECT { std::array::from_fn(|j| (xb[j] - p.b_c).exp()) } else { std::array::from_fn(|j| u[j] * p.k) };
+    for j in 0..LANES {
+        let (a_in, b_in) = (xa[j] > f32::NEG_INFINITY, xb[j] > f32::NEG_INFINITY);
+        let w = if a_in { w[j] } else { 0.0 };
+        let u = if b_in { u[j] } else { 0.0 };
+        let v = if b_in { v[j] } else { 0.0 };
+        let e = (xa[j] - xb[j]) - p.c;
+        let q = g_series(e);
+        let small = e.abs() < 0.5;
+        let tg = if small { w * q } else { w * (e - 1.0) + v };
+        let ty = if small { w * (q - e) } else { v - w };
+        lanes[0][j] += w;
+        lanes[1][j] += u;
+        lanes[2][j] += if a_in { tg } else { 0.0 };
+        lanes[3][j] += if a_in { ty } else { 0.0 };
+        lanes[4][j] += if a_in { w * e } else { 0.0 };
+        lanes[5][j] += if a_in { 0.0 } else { u };
+    }
+}
+
+/// Moves the lanes' f32 sums into the f64 totals.
+#[inline(always)]
+fn flush(total: &mut [f64; 6], lanes: &mut [[f32; LANES]; 6]) {
+    for (t, l) in total.iter_mut().zip(lanes.iter_mut()) {
+        *t += l.iter().map(|&x| f64::from(x)).sum::<f64>();
+        *l = [0.0; LANES];
+    }
+}
+
+/// Pass 2: `[Σ exp(a − ma), Σ exp(b − mb), Σ w·g(e), Σ w·expm1(−e), Σ w·e, Σ_{a = −inf} exp(b − mb)]`. `exp(−e)·w = exp(b − b_c)`
 /// is `exp(b − mb)·k` (`k = exp(mb − b_c)`), or with `DIRECT` a separate `exp`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -302,49 +359,22 @@ fn sum_pass<const FMA: bool, const NA: usize, const NB: usize, const DIRECT: boo
     la: impl Fn(&[u8]) -> [f32; LANES] + Copy,
     lb: impl Fn(&[u8]) -> [f32; LANES] + Copy,
     exp16: impl Fn([f32; LANES]) -> [f32; LANES] + Copy,
-) -> [f64; 5] {
+) -> [f64; 6] {
     let [a, b] = runs;
-    let mut total = [0f64; 5];
-    let mut lanes = [[0f32; LANES]; 5];
-    let add = |lanes: &mut [[f32; LANES]; 5], xa: [f32; LANES], xb: [f32; LANES]| {
-        let w = exp16(std::array::from_fn(|j| xa[j] - ma));
-        let u = exp16(std::array::from_fn(|j| xb[j] - mb));
-        let v: [f32; LANES] =
-            if DIRECT { std::array::from_fn(|j| (xb[j] - b_c).exp()) } else { std::array::from_fn(|j| u[j] * k) };
-        for j in 0..LANES {
-            let (a_in, b_in) = (xa[j] > f32::NEG_INFINITY, xb[j] > f32::NEG_INFINITY);
-            let w = if a_in { w[j] } else { 0.0 };
-            let u = if b_in { u[j] } else { 0.0 };
-            let v = if b_in { v[j] } else { 0.0 };
-            let e = (xa[j] - xb[j]) - c;
-            let q = g_series(e);
-            let small = e.abs() < 0.5;
-            let tg = if small { w * q } else { w * (e - 1.0) + v };
-            let ty = if small { w * (q - e) } else { v - w };
-            lanes[0][j] += w;
-            lanes[1][j] += u;
-            lanes[2][j] += if a_in { tg } else { 0.0 };
-            lanes[3][j] += if a_in { ty } else { 0.0 };
-            lanes[4][j] += if a_in { w * e } else { 0.0 };
-        }
-    };
-    let mut flush = |lanes: &mut [[f32; LANES]; 5]| {
-        for (t, l) in total.iter_mut().zip(lanes.iter_mut()) {
-            *t += l.iter().map(|&x| f64::from(x)).sum::<f64>();
-            *l = [0.0; LANES];
-        }
-    };
+    let mut total = [0f64; 6];
+    let mut lanes = [[0f32; LANES]; 6];
+    let consts = Consts { ma, mb, c, b_c, k };
     for i0 in (0..full).step_by(BLOCK) {
         for i in i0..(i0 + BLOCK).min(full) {
             prefetch(ahead[0], i * LANES * NA);
             prefetch(ahead[1], i * LANES * NB);
             let xa = la(&a[i * LANES * NA..(i + 1) * LANES * NA]);
             let xb = lb(&b[i * LANES * NB..(i + 1) * LANES * NB]);
-            add(&mut lanes, xa, xb);
+            add_pair::<DIRECT>(&mut lanes, xa, xb, &consts, exp16);
         }
-        flush(&mut lanes);
+        flush(&mut total, &mut lanes);
     }
-    add(&mut lanes, tails[0], tails[1]);
-    flush(&mut lanes);
+    add_pair::<DIRECT>(&mut lanes, tails[0], tails[1], &consts, exp16);
+    flush(&mut total, &mut lanes);
     total
 }

@@ -320,20 +320,125 @@ fn compare_chunk_cpu(s: &KldShard, layout: &KldLayout, r0: usize, n: usize, targ
 }
 
 /// The GPU path: a reader thread fills host buffers with both sides' chunks while the stream
-/// uploads and compares.
+/// uploads and compares (as [`crate::eval`]'s), inside error scopes so that device errors come
+/// back as errors.
 mod gpu {
+    use std::sync::mpsc;
+
     use super::*;
+    use crate::stream::Stream;
 
     pub(super) fn evaluate(
-        _ctx: &crate::GpuContext,
-        _shards: &[KldShard],
-        _layout: &KldLayout,
-        _opts: &KldEvalOptions,
-        _chunk_bytes: usize,
-        _folder: &mut Folder<'_>,
-        _progress: &mut dyn FnMut(u64, u64),
+        ctx: &crate::GpuContext,
+        shards: &[KldShard],
+        layout: &KldLayout,
+        opts: &KldEvalOptions,
+        chunk_bytes: usize,
+        folder: &mut Folder<'_>,
+        progress: &mut dyn FnMut(u64, u64),
     ) -> Result<()> {
-        Err(Error::Gpu("the GPU KLD path is not wired yet".into()))
+        let validation = ctx.device().push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = ctx.device().push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let result = run(ctx, shards, layout, opts, chunk_bytes, folder, progress);
+        for scope in [oom, validation] {
+            if let Some(e) = pollster::block_on(scope.pop()) {
+                return Err(Error::Gpu(e.to_string()));
+            }
+        }
+        result
+    }
+
+    /// One chunk read by the reader thread: shard, first row, rows, both sides' bytes.
+    type Chunk = (usize, usize, usize, Vec<u8>, Vec<u8>);
+
+    fn run(
+        ctx: &crate::GpuContext,
+        shards: &[KldShard],
+        layout: &KldLayout,
+        opts: &KldEvalOptions,
+        chunk_bytes: usize,
+        folder: &mut Folder<'_>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
+        let (rba, rbb) = (layout.vocab * layout.base_dtype.size(), layout.vocab * layout.test_dtype.size());
+        let mut stream =
+            Stream::kld(ctx, layout.base_dtype, layout.test_dtype, layout.vocab as u32, chunk_bytes as u64)?;
+        let chunk_rows = stream.chunk_rows() as usize;
+        let prepared = shards
+            .iter()
+            .map(|s| prepare(s, s.base.data_len() / rba, layout.vocab, opts))
+            .collect::<Result<Vec<_>>>()?;
+        // Rows queued but not yet folded: their shard and first row, in order.
+        let mut pending: std::collections::VecDeque<(usize, usize, usize)> = Default::default();
+        let fold = |folder: &mut Folder<'_>,
+                    done: Vec<KldRow>,
+                    pending: &mut std::collections::VecDeque<(usize, usize, usize)>| {
+            let mut rest = &done[..];
+            while !rest.is_empty() {
+                let Some((si, r0, n)) = pending.front_mut() else {
+                    return Err(Error::Gpu("the stream returned more rows than were queued".into()));
+                };
+                let take = (*n).min(rest.len());
+                folder.fold(&rest[..take], &prepared[*si].1[*r0..*r0 + take])?;
+                rest = &rest[take..];
+                *r0 += take;
+                *n -= take;
+                if *n == 0 {
+                    pending.pop_front();
+                }
+            }
+            Ok(())
+        };
+        std::thread::scope(|scope| -> Result<()> {
+            let (full_tx, full_rx) = mpsc::sync_channel::<Result<Chunk>>(2);
+            let (empty_tx, empty_rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>();
+            for _ in 0..3 {
+                let _ = empty_tx.send((Vec::new(), Vec::new()));
+            }
+            scope.spawn(move || {
+                for (si, s) in shards.iter().enumerate() {
+                    let rows = s.base.data_len() / rba;
+                    for r0 in (0..rows).step_by(chunk_rows) {
+                        let n = chunk_rows.min(rows - r0);
+                        let Ok((mut a, mut b)) = empty_rx.recv() else { return };
+                        a.resize(n * rba, 0);
+                        b.resize(n * rbb, 0);
+                        let read = s
+                            .base
+                            .read_data(r0 * rba, &mut a)
+                            .and_then(|()| s.test.read_data(r0 * rbb, &mut b))
+                            .map(|()| (si, r0, n, a, b));
+                        let failed = read.is_err();
+                        if full_tx.send(read).is_err() || failed {
+                            return;
+                        }
+                    }
+                    if let Err(e) = s.base.check_unchanged().and_then(|()| s.test.check_unchanged()) {
+                        let _ = full_tx.send(Err(e));
+                        return;
+                    }
+                }
+            });
+            for msg in full_rx {
+                let (si, r0, n, a, b) = msg?;
+                let base = Logits::from_bytes(&a, layout.base_dtype, n, layout.vocab)?;
+                let test = Logits::from_bytes(&b, layout.test_dtype, n, layout.vocab)?;
+                pending.push_back((si, r0, n));
+                let done = stream.push(base, test, &prepared[si].0[r0..r0 + n])?;
+                let _ = empty_tx.send((a, b));
+                fold(folder, done, &mut pending)?;
+                let bytes = (n * (rba + rbb)) as u64;
+                folder.out.bytes += bytes;
+                progress(n as u64, bytes);
+            }
+            Ok(())
+        })?;
+        let rest = stream.finish()?;
+        fold(folder, rest, &mut pending)?;
+        if !pending.is_empty() {
+            return Err(Error::Gpu("the stream returned fewer rows than were queued".into()));
+        }
+        Ok(())
     }
 }
 

@@ -77,6 +77,9 @@ pub struct Partial {
     pub y: f64,
     /// `Σ w·e`: for the textbook form, the fallback where `Y` over- or underflows.
     pub mm: f64,
+    /// `Σ exp(b − mb)` over the entries where the base is −inf (`p = 0`): the test mass `Y` cannot
+    /// see, which moves `lse_b` by `log(1 − zb/S_b)`.
+    pub zb: f64,
     /// First index of `ma` in the row.
     pub idx_a: Option<usize>,
     /// First index of `mb` in the row.
@@ -97,6 +100,7 @@ impl Partial {
             g: 0.0,
             y: 0.0,
             mm: 0.0,
+            zb: 0.0,
             idx_a: None,
             idx_b: None,
             bad: false,
@@ -146,6 +150,7 @@ impl Partial {
             sa: p.sa * fp + q.sa * fq,
             mb,
             sb: p.sb * scale(p.sb, p.mb, mb) + q.sb * scale(q.sb, q.mb, mb),
+            zb: p.zb * scale(p.sb, p.mb, mb) + q.zb * scale(q.sb, q.mb, mb),
             c,
             g: p.g * fp + q.g * fq,
             y: p.y * fp + q.y * fq,
@@ -183,8 +188,10 @@ impl Partial {
         let (lse_a, lse_b) = (f64::from(self.ma) + la, f64::from(self.mb) + lb);
         let (g, y) = (self.g / self.sa, self.y / self.sa);
         let hy = h64(y);
-        let k1 = g - hy;
-        let lse_b_via_y = lse_a - f64::from(self.c) + (y - hy);
+        // `Y` sees the test mass where `p > 0` only: the rest, `q_masked`, adds `−log(1 − q_masked)`.
+        let masked = (-self.zb / self.sb).ln_1p();
+        let k1 = g - hy - masked;
+        let lse_b_via_y = lse_a - f64::from(self.c) + (y - hy) - masked;
         let k2 = f64::from(self.c) + self.mm / self.sa - lse_a + lse_b;
         // Each form's rounding error is about eps times the magnitude of what it subtracts: take the
         // centred form unless it subtracts more (far-apart models) or its `Y` has gone wrong.

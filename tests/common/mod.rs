@@ -117,3 +117,58 @@ pub fn planned_gpus() -> &'static [(Option<Plan>, GpuContext)] {
             .collect()
     })
 }
+
+/// Checks KLD rows against the f64 reference: `kld` within `katol + krtol·kld`, `nll_base`,
+/// `nll_test` and `dp` within `atol + rtol·|ref|`, argmaxes and the ignored / same-top /
+/// has-target flags equal. Returns the worst KLD error as a fraction of its tolerance.
+pub fn check_kld(
+    got: &[xent::kld::KldRow],
+    want: &[xent::kld::reference::RefKldRow],
+    katol: f64,
+    krtol: f64,
+    atol: f64,
+    rtol: f64,
+) -> Result<f64, String> {
+    if got.len() != want.len() {
+        return Err(format!("got {} rows, want {}", got.len(), want.len()));
+    }
+    let mut worst = 0f64;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if !g.is_written() {
+            return Err(format!("row {i}: never written (flags {:#x})", g.flags));
+        }
+        let gk = f64::from(g.kld);
+        if !close(gk, w.kld, katol, krtol) {
+            return Err(format!("row {i}: kld got {gk:e} want {:e} (error {:e})", w.kld, (gk - w.kld).abs()));
+        }
+        if w.kld.is_finite() && gk.is_finite() {
+            worst = worst.max((gk - w.kld).abs() / (katol + krtol * w.kld.abs()));
+        }
+        for (name, g, w) in
+            [("nll_base", g.nll_base, w.nll_base), ("nll_test", g.nll_test, w.nll_test), ("dp", g.dp, w.dp)]
+        {
+            if !close(f64::from(g), w, atol, rtol) {
+                return Err(format!("row {i}: {name} got {g:e} want {w:e}"));
+            }
+        }
+        let am = |x: Option<usize>| x.map_or(u32::MAX, |v| v as u32);
+        if !w.ignored && (g.argmax_base != am(w.argmax_base) || g.argmax_test != am(w.argmax_test)) {
+            return Err(format!(
+                "row {i}: argmax got {} / {} want {:?} / {:?}",
+                g.argmax_base, g.argmax_test, w.argmax_base, w.argmax_test
+            ));
+        }
+        if g.ignored() != w.ignored || g.same_top() != w.same_top || g.has_target() != w.has_target {
+            return Err(format!("row {i}: flags {:#x} but reference {w:?}", g.flags));
+        }
+    }
+    Ok(worst)
+}
+
+/// Lowers `ctx`'s largest binding to about 4 KiB — plus the slack a window needs at this adapter's
+/// storage offset alignment (256 bytes on SwiftShader) — so that small inputs are cut into many
+/// chunks while a row of 1000 f32 logits still fits one binding.
+pub fn small_bindings(ctx: &mut GpuContext) {
+    let align = u64::from(ctx.device().limits().min_storage_buffer_offset_alignment);
+    ctx.set_max_binding_bytes(4096 + 2 * align);
+}

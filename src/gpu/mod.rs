@@ -1,37 +1,137 @@
-//! The GPU context and the two entry points built on the fused kernel:
-//! [`GpuContext::encode`] (caller's buffers, caller's encoder) and [`GpuContext::score`] (host slices).
+//! The GPU context every kernel shares, and the execution plumbing they all go through once:
+//! device and queue, limits, the pipeline cache, plans, chunking and binding windows.
 //!
-//! Chunking lives here, once: a job is cut into runs of rows whose logits, targets and outputs
+//! A kernel is a WGSL file with one Rust module that plans and encodes it ([`forward`]: the
+//! fused cross-entropy, [`kld`]: the fused KL divergence); both are built on the shared
+//! online-softmax pieces (`shaders/online_softmax.wgsl`) and the reductions
+//! (`shaders/reduce_*.wgsl`). A job is cut into chunks of rows whose inputs, targets and outputs
 //! each fit one storage binding, whose binding offsets respect the adapter's alignment, and whose
-//! workgroup count fits a 2-D dispatch. Both entry points go through [`GpuContext::encode`].
+//! workgroup count fits a 2-D dispatch; each chunk is dispatched under a [`Plan`].
+//!
+//! Layers: this module knows nothing of streams or host slices; `crate::stream` (the ring and the
+//! host-slice entry points `score` and `kld`) is built on top of it.
+
+mod forward;
+mod kld;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
-use crate::problem::{validate_targets, Dtype, Logits, Options, RowLoss, Targets, IGNORED_TARGET};
-use crate::stream::Stream;
+use crate::problem::Dtype;
 
-/// The WGSL sources, by name. A kernel module is the common part followed by one reduction.
+pub use forward::{EncodeJob, ROW_LOSS_BYTES};
+pub use kld::{KldEncodeJob, KLD_ROW_BYTES};
+
+/// The WGSL sources, by name. A kernel module is the shared part, the kernel's own file and one
+/// reduction (see [`Kernel::sources`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Shader {
-    /// Row scan, merge, result writing and the `combine` pass for split rows.
-    ForwardCommon,
-    /// Reduction through workgroup memory.
+    /// NaN / +inf tests, 16-bit unpacking, online (max, sum) and argmax: every kernel's core.
+    OnlineSoftmax,
+    /// The fused cross-entropy: scan, merge, finish, `combine`.
+    Forward,
+    /// The forward state combined over a subgroup.
+    ForwardSubgroup,
+    /// The fused KL divergence: scan of both rows, merge, finish, `combine`.
+    Kld,
+    /// The KLD state combined over a subgroup.
+    KldSubgroup,
+    /// Reduction through workgroup memory (any kernel).
     ReduceWorkgroup,
-    /// Reduction through subgroup operations.
+    /// Reduction through subgroup operations (any kernel, after its `*Subgroup` part).
     ReduceSubgroup,
 }
 
 impl Shader {
     fn source(self) -> &'static str {
         match self {
-            Shader::ForwardCommon => include_str!("../shaders/forward_common.wgsl"),
-            Shader::ReduceWorkgroup => include_str!("../shaders/reduce_workgroup.wgsl"),
-            Shader::ReduceSubgroup => include_str!("../shaders/reduce_subgroup.wgsl"),
+            Shader::OnlineSoftmax => include_str!("../../shaders/online_softmax.wgsl"),
+            Shader::Forward => include_str!("../../shaders/forward.wgsl"),
+            Shader::ForwardSubgroup => include_str!("../../shaders/forward_subgroup.wgsl"),
+            Shader::Kld => include_str!("../../shaders/kld.wgsl"),
+            Shader::KldSubgroup => include_str!("../../shaders/kld_subgroup.wgsl"),
+            Shader::ReduceWorkgroup => include_str!("../../shaders/reduce_workgroup.wgsl"),
+            Shader::ReduceSubgroup => include_str!("../../shaders/reduce_subgroup.wgsl"),
         }
+    }
+}
+
+/// The kernels of the family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Kernel {
+    /// Cross-entropy over one input (`shaders/forward.wgsl`).
+    Forward,
+    /// KL divergence between two inputs (`shaders/kld.wgsl`).
+    Kld,
+}
+
+impl Kernel {
+    /// The files of one module, in order.
+    fn sources(self, reduction: Reduction) -> Vec<Shader> {
+        let (own, sub) = match self {
+            Kernel::Forward => (Shader::Forward, Shader::ForwardSubgroup),
+            Kernel::Kld => (Shader::Kld, Shader::KldSubgroup),
+        };
+        match reduction {
+            // The subgroup part is left out: it does not compile without Features::SUBGROUP.
+            Reduction::Workgroup => vec![Shader::OnlineSoftmax, own, Shader::ReduceWorkgroup],
+            Reduction::Subgroup => vec![Shader::OnlineSoftmax, own, sub, Shader::ReduceSubgroup],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::Forward => "forward",
+            Kernel::Kld => "kld",
+        }
+    }
+
+    /// Logits inputs (sides).
+    fn sides(self) -> usize {
+        match self {
+            Kernel::Forward => 1,
+            Kernel::Kld => 2,
+        }
+    }
+
+    /// Bytes of one row's result.
+    fn row_bytes(self) -> u64 {
+        match self {
+            Kernel::Forward => ROW_LOSS_BYTES,
+            Kernel::Kld => KLD_ROW_BYTES,
+        }
+    }
+
+    /// Bytes of one partial state of a split row (the shader's `State`).
+    fn partial_bytes(self) -> u64 {
+        match self {
+            Kernel::Forward => 20,
+            Kernel::Kld => 56,
+        }
+    }
+
+    /// Bindings: 0 uniform params, 1 side a as vec4<u32>, 2 targets, 3 output, 4 side a as u32,
+    /// 5 partials, then for a second side 6 (vec4) and 7 (u32). Seven storage buffers at most:
+    /// within WebGPU's default of eight per stage.
+    fn layout_entries(self) -> Vec<wgpu::BindGroupLayoutEntry> {
+        use wgpu::BufferBindingType as B;
+        let read = B::Storage { read_only: true };
+        let write = B::Storage { read_only: false };
+        let mut entries = vec![
+            layout_entry(0, B::Uniform),
+            layout_entry(1, read),
+            layout_entry(2, read),
+            layout_entry(3, write),
+            layout_entry(4, read),
+            layout_entry(5, write),
+        ];
+        if self.sides() == 2 {
+            entries.extend([layout_entry(6, read), layout_entry(7, read)]);
+        }
+        entries
     }
 }
 
@@ -44,8 +144,8 @@ pub enum Reduction {
     Subgroup,
 }
 
-/// How the kernel lays rows over workgroups; chosen by [`GpuContext::plan`] from the shape
-/// and the adapter, shown by `xent bench`.
+/// How a kernel lays rows over workgroups; chosen by [`GpuContext::plan`] (or
+/// [`GpuContext::plan_kld`]) from the shape and the adapter, shown by `xent bench`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Plan {
     /// How a workgroup reduces.
@@ -78,75 +178,102 @@ enum Entry {
 /// Compile-time choices of a pipeline: one compiled pipeline per distinct key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PipelineKey {
-    dtype: Dtype,
+    kernel: Kernel,
+    /// Element type of each side (the forward kernel uses the first).
+    dtypes: [Dtype; 2],
     workgroup_size: u32,
     rows_per_workgroup: u32,
     reduction: Reduction,
     entry: Entry,
 }
 
-/// Mirror of the shader's `Params` uniform.
+/// One kernel's bind group layout and shader modules.
+struct Modules {
+    layout: wgpu::BindGroupLayout,
+    pipeline_layout: wgpu::PipelineLayout,
+    workgroup: wgpu::ShaderModule,
+    subgroup: Option<wgpu::ShaderModule>,
+}
+
+impl Modules {
+    fn new(device: &wgpu::Device, kernel: Kernel) -> Modules {
+        let name = kernel.name();
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some(&format!("xent {name} bind group layout")),
+            entries: &kernel.layout_entries(),
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(&format!("xent {name} pipeline layout")),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let module = |reduction: Reduction| {
+            let source: Vec<&str> = kernel.sources(reduction).iter().map(|s| s.source()).collect();
+            let label = match reduction {
+                Reduction::Workgroup => format!("xent {name} (workgroup reduce)"),
+                Reduction::Subgroup => format!("xent {name} (subgroup reduce)"),
+            };
+            device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&label),
+                source: wgpu::ShaderSource::Wgsl(source.join("\n").into()),
+            })
+        };
+        let workgroup = module(Reduction::Workgroup);
+        let subgroup = device.features().contains(wgpu::Features::SUBGROUP).then(|| module(Reduction::Subgroup));
+        Modules { layout, pipeline_layout, workgroup, subgroup }
+    }
+}
+
+/// Mirror of the shaders' `Params` uniform, shared by every kernel (side b unused by the forward).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
     rows: u32,
     vocab: u32,
-    row_stride: u32,
-    logits_offset: u32,
     targets_offset: u32,
     out_offset: u32,
     ignore: u32,
     groups_x: u32,
     split: u32,
     split_len: u32,
-    _pad: [u32; 2],
+    a_offset: u32,
+    a_stride: u32,
+    b_offset: u32,
+    b_stride: u32,
 }
-
-/// Bytes of one partial state of a split row in the shader (`State`: five 4-byte fields).
-const PARTIAL_BYTES: u64 = 20;
 
 /// Workgroups the planner wants in flight before it splits rows: enough to cover every compute
 /// unit of a large GPU several times over (an H200 has 132 SMs).
 const TARGET_GROUPS: u64 = 1024;
 
-/// Bytes of one [`RowLoss`] in the output buffer.
-pub const ROW_LOSS_BYTES: u64 = std::mem::size_of::<RowLoss>() as u64;
-
 /// Most workgroups along one dispatch dimension (WebGPU's guaranteed minimum, and NVIDIA's).
 const MAX_GROUPS_PER_DIM: u32 = 65_535;
 
-/// One scoring job over buffers the caller owns: what [`GpuContext::encode`] records.
-///
-/// Row `r`'s logits are elements `[r * row_stride, r * row_stride + vocab)` counted from byte
-/// `logits_offset` of `logits`, little-endian `dtype`. Targets are `u32`, one per row, from byte
-/// `targets_offset`; a target equal to `ignore` marks the row ignored. Results are [`RowLoss`]
-/// records (16 bytes) from byte `output_offset` of `output`.
+/// One side of a job: a region of logits in a caller's buffer.
 #[derive(Debug, Clone, Copy)]
-pub struct EncodeJob<'a> {
-    /// Buffer holding the logits (usage must include `STORAGE`).
-    pub logits: &'a wgpu::Buffer,
-    /// Byte offset of row 0's first logit; a multiple of the element size. The buffer must extend
-    /// to the 4-byte word holding the last logit (f16/bf16 logits are read as whole words).
-    pub logits_offset: u64,
-    /// Element type of the logits.
-    pub dtype: Dtype,
-    /// Elements between the starts of consecutive rows (`>= vocab`).
-    pub row_stride: u64,
-    /// Number of rows.
-    pub rows: u64,
-    /// Logits per row.
-    pub vocab: u32,
-    /// Buffer of `u32` targets (usage must include `STORAGE`).
-    pub targets: &'a wgpu::Buffer,
-    /// Byte offset of row 0's target; a multiple of 4.
-    pub targets_offset: u64,
-    /// Target value meaning "ignore this row". `None` ignores no valid target (the kernel's own
-    /// sentinel, `u32::MAX`, still reads as ignored).
-    pub ignore: Option<u32>,
-    /// Buffer receiving one [`RowLoss`] per row (usage must include `STORAGE`).
-    pub output: &'a wgpu::Buffer,
-    /// Byte offset of row 0's result; a multiple of 16.
-    pub output_offset: u64,
+struct Side<'a> {
+    name: &'static str,
+    buffer: &'a wgpu::Buffer,
+    /// Byte offset of row 0's first logit.
+    offset: u64,
+    dtype: Dtype,
+    /// Elements between the starts of consecutive rows.
+    row_stride: u64,
+}
+
+/// A job of any kernel, as the chunking code sees it.
+#[derive(Debug, Clone, Copy)]
+struct Job<'a> {
+    kernel: Kernel,
+    /// `kernel.sides()` of them.
+    sides: [Option<Side<'a>>; 2],
+    rows: u64,
+    vocab: u32,
+    targets: &'a wgpu::Buffer,
+    targets_offset: u64,
+    ignore: u32,
+    output: &'a wgpu::Buffer,
+    output_offset: u64,
 }
 
 /// A window of a buffer bound for one chunk: aligned byte offset, size, and the element index
@@ -162,10 +289,9 @@ pub struct GpuContext {
     device: wgpu::Device,
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
-    layout: wgpu::BindGroupLayout,
-    pipeline_layout: wgpu::PipelineLayout,
-    workgroup_module: wgpu::ShaderModule,
-    subgroup_module: Option<wgpu::ShaderModule>,
+    forward: Modules,
+    /// Compiled on first use.
+    kld: OnceLock<Modules>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     /// Bound as `partials` when no row is split (a binding must always be present).
     no_partials: wgpu::Buffer,
@@ -258,37 +384,10 @@ impl GpuContext {
         let info = device.adapter_info();
         let workgroup_size =
             256.min(limits.max_compute_invocations_per_workgroup).min(limits.max_compute_workgroup_size_x);
-        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("xent forward bind group layout"),
-            entries: &[
-                layout_entry(0, wgpu::BufferBindingType::Uniform),
-                layout_entry(1, wgpu::BufferBindingType::Storage { read_only: true }),
-                layout_entry(2, wgpu::BufferBindingType::Storage { read_only: true }),
-                layout_entry(3, wgpu::BufferBindingType::Storage { read_only: false }),
-                layout_entry(4, wgpu::BufferBindingType::Storage { read_only: true }),
-                layout_entry(5, wgpu::BufferBindingType::Storage { read_only: false }),
-            ],
-        });
-        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some("xent forward pipeline layout"),
-            bind_group_layouts: &[Some(&layout)],
-            immediate_size: 0,
-        });
-        let module = |label, reduce: Shader| {
-            let source = format!("{}\n{}", Shader::ForwardCommon.source(), reduce.source());
-            device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(label),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            })
-        };
-        let workgroup_module = module("xent forward (workgroup reduce)", Shader::ReduceWorkgroup);
-        let subgroup_module = device
-            .features()
-            .contains(wgpu::Features::SUBGROUP)
-            .then(|| module("xent forward (subgroup reduce)", Shader::ReduceSubgroup));
+        let forward = Modules::new(&device, Kernel::Forward);
         let no_partials = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("xent no partials"),
-            size: 32,
+            size: 64,
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
@@ -298,10 +397,8 @@ impl GpuContext {
             device,
             queue,
             info,
-            layout,
-            pipeline_layout,
-            workgroup_module,
-            subgroup_module,
+            forward,
+            kld: OnceLock::new(),
             pipelines: Mutex::new(HashMap::new()),
             no_partials,
             workgroup_size,
@@ -323,7 +420,7 @@ impl GpuContext {
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.info
     }
-    /// Invocations per workgroup of the forward kernel.
+    /// Invocations per workgroup of the kernels.
     pub fn workgroup_size(&self) -> u32 {
         self.workgroup_size
     }
@@ -370,25 +467,25 @@ impl GpuContext {
         first.map_or(Ok(()), |e| Err(Error::Gpu(e)))
     }
 
-    /// Makes every later job use `plan` (or, with `None`, the planner's choice again).
-    /// Tests use this to run every reduction path on one adapter; a subgroup plan on a device
-    /// without `Features::SUBGROUP`, or an impossible rows-per-workgroup, falls back safely.
+    /// Makes every later job of every kernel use `plan` (or, with `None`, the planner's choice
+    /// again). Tests use this to run every reduction path on one adapter; a subgroup plan on a
+    /// device without `Features::SUBGROUP`, or an impossible rows-per-workgroup, falls back safely.
     pub fn force_plan(&mut self, plan: Option<Plan>) {
         self.forced_plan = plan;
     }
 
     /// Whether the subgroup reduction is available on this device.
     pub fn has_subgroups(&self) -> bool {
-        self.subgroup_module.is_some()
+        self.forward.subgroup.is_some()
     }
 
-    /// The layout the kernel will use for `rows` rows of `vocab` logits.
-    ///
-    /// Short rows are packed several to a workgroup (about one lane per 16 logits); when rows
-    /// are too few to give 1024 workgroups and are long, each is split over several
-    /// workgroups of at least 16k logits and merged by a second pass; subgroup operations
-    /// reduce whenever the device has them and a workgroup holds one row part.
-    pub fn plan(&self, rows: u64, vocab: u32) -> Plan {
+    /// The planner shared by the kernels: short rows are packed several to a workgroup (about one
+    /// lane per 16 logits); when rows are too few to give [`TARGET_GROUPS`] workgroups and are at
+    /// least `split_from` long, each is split over several workgroups of at least `part_min`
+    /// logits and merged by a second pass; subgroup operations reduce whenever the device has
+    /// them and a workgroup holds one row part. A forced plan replaces the choice; either is then
+    /// made safe for the device and the shape.
+    fn plan_with(&self, kernel: Kernel, rows: u64, vocab: u32, split_from: u32, part_min: u32) -> Plan {
         let wg = self.workgroup_size;
         let plan = self.forced_plan.unwrap_or_else(|| {
             let rows_per_workgroup = if wg.is_power_of_two() && vocab <= 2048 {
@@ -396,17 +493,13 @@ impl GpuContext {
             } else {
                 1
             };
-            // Parts of at least 16k logits: smaller ones measured slower on lavapipe (8 x 32000 f32:
-            // 1.47 ms split 7 ways, 0.58 ms whole) and gain nothing on a GPU, where 16k logits
-            // already give each of 256 invocations 16 vector loads.
-            let split = if rows_per_workgroup == 1 && rows < TARGET_GROUPS && vocab >= 32_768 {
-                TARGET_GROUPS.div_ceil(rows.max(1)).min(u64::from(vocab / 16_384)).clamp(1, 256) as u32
+            let split = if rows_per_workgroup == 1 && rows < TARGET_GROUPS && vocab >= split_from {
+                TARGET_GROUPS.div_ceil(rows.max(1)).min(u64::from(vocab / part_min)).clamp(1, 256) as u32
             } else {
                 1
             };
             Plan { reduction: Reduction::Subgroup, rows_per_workgroup, split }
         });
-        // Make any plan (a forced one included) safe for this device and shape.
         let rows_per_workgroup =
             if wg.is_power_of_two() && plan.rows_per_workgroup.is_power_of_two() && plan.rows_per_workgroup <= wg {
                 plan.rows_per_workgroup
@@ -415,8 +508,9 @@ impl GpuContext {
             };
         // Parts of at least 8 logits, and few enough that the partial results of every row fit in
         // one binding and the workgroups in one dispatch grid.
-        let max_parts =
-            (self.device.limits().max_storage_buffer_binding_size / PARTIAL_BYTES).min(65_535 * 65_535) / rows.max(1);
+        let max_parts = (self.device.limits().max_storage_buffer_binding_size / kernel.partial_bytes())
+            .min(65_535 * 65_535)
+            / rows.max(1);
         let split = if rows_per_workgroup == 1 {
             plan.split.clamp(1, vocab.div_ceil(8)).min(max_parts.clamp(1, u64::from(u32::MAX)) as u32)
         } else {
@@ -427,35 +521,47 @@ impl GpuContext {
         Plan { reduction, rows_per_workgroup, split }
     }
 
+    fn modules(&self, kernel: Kernel) -> &Modules {
+        match kernel {
+            Kernel::Forward => &self.forward,
+            Kernel::Kld => self.kld.get_or_init(|| Modules::new(&self.device, Kernel::Kld)),
+        }
+    }
+
     fn pipeline(&self, key: PipelineKey) -> wgpu::ComputePipeline {
         let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
         cache
             .entry(key)
             .or_insert_with(|| {
-                let dtype_code = match key.dtype {
+                let code = |d: Dtype| match d {
                     Dtype::F32 => 0.0,
                     Dtype::F16 => 1.0,
                     Dtype::BF16 => 2.0,
                 };
-                let module = match (key.reduction, &self.subgroup_module) {
+                let modules = self.modules(key.kernel);
+                let module = match (key.reduction, &modules.subgroup) {
                     (Reduction::Subgroup, Some(m)) if key.entry == Entry::Main => m,
-                    _ => &self.workgroup_module,
+                    _ => &modules.workgroup,
                 };
-                let (entry, label) = match key.entry {
-                    Entry::Main => ("main", "xent forward"),
-                    Entry::Combine => ("combine", "xent combine split rows"),
+                let (entry, what) = match key.entry {
+                    Entry::Main => ("main", ""),
+                    Entry::Combine => ("combine", " combine split rows"),
                 };
+                let label = format!("xent {}{what}", key.kernel.name());
+                let shape =
+                    [("WG_SIZE", f64::from(key.workgroup_size)), ("ROWS_PER_WG", f64::from(key.rows_per_workgroup))];
+                let dtypes: &[(&str, f64)] = match key.kernel {
+                    Kernel::Forward => &[("DTYPE", code(key.dtypes[0]))],
+                    Kernel::Kld => &[("DTYPE_A", code(key.dtypes[0])), ("DTYPE_B", code(key.dtypes[1]))],
+                };
+                let constants: Vec<(&str, f64)> = dtypes.iter().copied().chain(shape).collect();
                 self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(label),
-                    layout: Some(&self.pipeline_layout),
+                    label: Some(&label),
+                    layout: Some(&modules.pipeline_layout),
                     module,
                     entry_point: Some(entry),
                     compilation_options: wgpu::PipelineCompilationOptions {
-                        constants: &[
-                            ("DTYPE", dtype_code),
-                            ("WG_SIZE", f64::from(key.workgroup_size)),
-                            ("ROWS_PER_WG", f64::from(key.rows_per_workgroup)),
-                        ],
+                        constants: &constants,
                         // Every workgroup variable is written before it is read.
                         zero_initialize_workgroup_memory: false,
                     },
@@ -465,86 +571,79 @@ impl GpuContext {
             .clone()
     }
 
-    /// Most rows one dispatch covers for a given layout: limited by the storage binding (logits,
-    /// outputs) and the 2-D dispatch size. Larger jobs are split into chunks of this many rows.
+    /// Most rows one dispatch of `kernel` covers: limited by the storage binding (each side's
+    /// logits, the outputs) and the 2-D dispatch size.
     ///
     /// # Errors
-    /// [`Error::Shape`] when not even one row fits a binding.
-    pub fn rows_per_chunk(&self, dtype: Dtype, row_stride: u64, vocab: u64) -> Result<u64> {
+    /// [`Error::Shape`] when not even one row of a side fits a binding.
+    fn rows_per_chunk_for(&self, kernel: Kernel, sides: &[(Dtype, u64)], vocab: u64) -> Result<u64> {
         let align = u64::from(self.device.limits().min_storage_buffer_offset_alignment);
-        let es = dtype.size() as u64;
         // Worst-case slack a window needs: offset rounded down to `align`, end rounded up to 4.
         let room = self.max_binding.saturating_sub(align + 4);
-        if vocab * es > room {
-            return Err(Error::Shape(format!(
-                "a row of {vocab} {dtype} logits ({} bytes) exceeds this adapter's largest storage binding ({} bytes)",
-                vocab * es,
-                self.max_binding
-            )));
+        let mut rows = (room / kernel.row_bytes())
+            .min(u64::from(MAX_GROUPS_PER_DIM) * u64::from(MAX_GROUPS_PER_DIM))
+            .min(u64::from(u32::MAX));
+        for &(dtype, row_stride) in sides {
+            let es = dtype.size() as u64;
+            if vocab * es > room {
+                return Err(Error::Shape(format!(
+                    "a row of {vocab} {dtype} logits ({} bytes) exceeds this adapter's largest storage binding ({} bytes)",
+                    vocab * es,
+                    self.max_binding
+                )));
+            }
+            rows = rows.min((room / es - vocab) / row_stride.max(1) + 1);
         }
-        let by_logits = (room / es - vocab) / row_stride.max(1) + 1;
-        let by_output = room / ROW_LOSS_BYTES;
-        let by_dispatch = u64::from(MAX_GROUPS_PER_DIM) * u64::from(MAX_GROUPS_PER_DIM);
-        Ok(by_logits.min(by_output).min(by_dispatch).min(u64::from(u32::MAX)))
+        Ok(rows)
     }
 
-    /// Records the fused forward kernel over `job` into `encoder`: no submit, no sync, no copy.
-    /// Chunked automatically when the job exceeds a binding or a dispatch.
-    ///
-    /// Targets are not validated here (they live on the device): an out-of-range target gives a
-    /// NaN `nll` and the [`RowLoss::BAD_TARGET`] flag for its row.
-    ///
-    /// # Errors
-    /// [`Error::Buffer`] when a region lies outside its buffer, is misaligned, or a buffer lacks
-    /// `STORAGE` usage; [`Error::Shape`] when `vocab` is 0, `row_stride < vocab`, or one row is
-    /// larger than a binding.
-    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder, job: &EncodeJob<'_>) -> Result<()> {
-        self.encode_timed(encoder, job, None)
-    }
-
-    /// [`GpuContext::encode`], with the compute pass writing `timestamps` at its start and end
-    /// (the device needs `Features::TIMESTAMP_QUERY`). All chunks share one pass, so the two
-    /// timestamps bracket the whole job.
-    ///
-    /// # Errors
-    /// As [`GpuContext::encode`].
-    pub fn encode_timed(
+    /// Records `job` into `encoder` in one compute pass: validates every region, cuts the rows into
+    /// chunks, plans each and dispatches it (plus the `combine` pass for split rows).
+    fn encode_job(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        job: &EncodeJob<'_>,
+        job: &Job<'_>,
+        plan_of: impl Fn(u64) -> Plan,
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) -> Result<()> {
-        let es = job.dtype.size() as u64;
         let vocab = u64::from(job.vocab);
+        let row_bytes = job.kernel.row_bytes();
+        let sides: Vec<Side<'_>> = job.sides.iter().flatten().copied().collect();
         if vocab == 0 {
             return Err(Error::Shape("vocab is 0".into()));
         }
-        if job.row_stride < vocab && job.rows > 1 {
-            return Err(Error::Shape(format!("row_stride {} is less than vocab {vocab}", job.row_stride)));
+        for s in &sides {
+            if s.row_stride < vocab && job.rows > 1 {
+                return Err(Error::Shape(format!("{} row_stride {} is less than vocab {vocab}", s.name, s.row_stride)));
+            }
         }
         if job.rows == 0 {
             return Ok(());
         }
-        if !job.logits_offset.is_multiple_of(es)
-            || !job.targets_offset.is_multiple_of(4)
-            || !job.output_offset.is_multiple_of(ROW_LOSS_BYTES)
-        {
-            return Err(Error::Buffer(
-                "logits_offset must be a multiple of the element size, targets_offset of 4, output_offset of 16".into(),
-            ));
+        for s in &sides {
+            if !s.offset.is_multiple_of(s.dtype.size() as u64) {
+                return Err(Error::Buffer(format!("{}_offset must be a multiple of the element size", s.name)));
+            }
+            if s.row_stride > u64::from(u32::MAX) {
+                return Err(Error::Shape(format!("{} row_stride {} does not fit in u32", s.name, s.row_stride)));
+            }
         }
-        if job.row_stride > u64::from(u32::MAX) {
-            return Err(Error::Shape(format!("row_stride {} does not fit in u32", job.row_stride)));
+        if !job.targets_offset.is_multiple_of(4) || !job.output_offset.is_multiple_of(row_bytes) {
+            return Err(Error::Buffer(format!(
+                "targets_offset must be a multiple of 4, output_offset of {row_bytes} (one result)"
+            )));
         }
         let overflow = || Error::Buffer("a region's end overflows u64".into());
-        let logits_end = (job.rows - 1)
-            .checked_mul(job.row_stride)
-            .and_then(|e| e.checked_add(vocab))
-            .and_then(|e| e.checked_mul(es))
-            .and_then(|e| e.checked_add(job.logits_offset))
-            .ok_or_else(overflow)?;
-        // The logits are bound as whole 4-byte words.
-        check_region("logits", job.logits, logits_end.next_multiple_of(4))?;
+        for s in &sides {
+            let end = (job.rows - 1)
+                .checked_mul(s.row_stride)
+                .and_then(|e| e.checked_add(vocab))
+                .and_then(|e| e.checked_mul(s.dtype.size() as u64))
+                .and_then(|e| e.checked_add(s.offset))
+                .ok_or_else(overflow)?;
+            // Logits are bound as whole 4-byte words.
+            check_region(s.name, s.buffer, end.next_multiple_of(4))?;
+        }
         check_region(
             "targets",
             job.targets,
@@ -553,10 +652,11 @@ impl GpuContext {
         check_region(
             "output",
             job.output,
-            job.rows.checked_mul(ROW_LOSS_BYTES).and_then(|b| b.checked_add(job.output_offset)).ok_or_else(overflow)?,
+            job.rows.checked_mul(row_bytes).and_then(|b| b.checked_add(job.output_offset)).ok_or_else(overflow)?,
         )?;
 
-        let chunk = self.rows_per_chunk(job.dtype, job.row_stride, vocab)?;
+        let layout: Vec<(Dtype, u64)> = sides.iter().map(|s| (s.dtype, s.row_stride)).collect();
+        let chunk = self.rows_per_chunk_for(job.kernel, &layout, vocab)?;
         // Each chunk's parameters sit at an offset that is a multiple of the adapter's alignment.
         let uniform_stride = (std::mem::size_of::<Params>() as u64)
             .next_multiple_of(u64::from(self.device.limits().min_uniform_buffer_offset_alignment));
@@ -565,7 +665,7 @@ impl GpuContext {
         // Plan every chunk first: its layout, windows and uniform slot.
         struct ChunkPlan {
             plan: Plan,
-            logits: Window,
+            sides: Vec<Window>,
             targets: Window,
             output: Window,
             groups: (u32, u32),
@@ -577,61 +677,79 @@ impl GpuContext {
         for c in 0..n_chunks {
             let r0 = c * chunk;
             let rows = chunk.min(job.rows - r0);
-            let plan = self.plan(rows, job.vocab);
+            let plan = plan_of(rows);
             let split_len = job.vocab.div_ceil(plan.split).next_multiple_of(8);
             let split = job.vocab.div_ceil(split_len);
             let plan = Plan { split, ..plan };
             if split > 1 {
                 partial_count = partial_count.max(rows * u64::from(split));
             }
-            let start = job.logits_offset + r0 * job.row_stride * es;
-            let end = start + ((rows - 1) * job.row_stride + vocab) * es;
-            let logits = self.window(job.logits, start, end, es);
+            let windows: Vec<Window> = sides
+                .iter()
+                .map(|s| {
+                    let es = s.dtype.size() as u64;
+                    let start = s.offset + r0 * s.row_stride * es;
+                    let end = start + ((rows - 1) * s.row_stride + vocab) * es;
+                    self.window(s.buffer, start, end, es)
+                })
+                .collect();
+            if windows.iter().any(|w| w.size < 16) {
+                return Err(Error::Buffer("a logits buffer must hold at least 16 bytes from the window start".into()));
+            }
             let targets =
                 self.window(job.targets, job.targets_offset + r0 * 4, job.targets_offset + (r0 + rows) * 4, 4);
             let output = self.window(
                 job.output,
-                job.output_offset + r0 * ROW_LOSS_BYTES,
-                job.output_offset + (r0 + rows) * ROW_LOSS_BYTES,
-                ROW_LOSS_BYTES,
+                job.output_offset + r0 * row_bytes,
+                job.output_offset + (r0 + rows) * row_bytes,
+                row_bytes,
             );
             let groups = grid((rows * u64::from(split)).div_ceil(u64::from(plan.rows_per_workgroup)));
+            let side = |k: usize| sides.get(k).map_or((0, 0), |s| (windows[k].first as u32, s.row_stride as u32));
             let params = Params {
                 rows: rows as u32,
                 vocab: job.vocab,
-                row_stride: job.row_stride as u32,
-                logits_offset: logits.first as u32,
                 targets_offset: targets.first as u32,
                 out_offset: output.first as u32,
-                ignore: job.ignore.unwrap_or(IGNORED_TARGET),
+                ignore: job.ignore,
                 groups_x: groups.0,
                 split,
                 split_len,
-                _pad: [0; 2],
+                a_offset: side(0).0,
+                a_stride: side(0).1,
+                b_offset: side(1).0,
+                b_stride: side(1).1,
             };
             let slot = (c * uniform_stride) as usize;
             uniform_bytes[slot..slot + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&params));
-            chunks.push(ChunkPlan { plan, logits, targets, output, groups, combine_groups: grid(rows.div_ceil(64)) });
+            chunks.push(ChunkPlan {
+                plan,
+                sides: windows,
+                targets,
+                output,
+                groups,
+                combine_groups: grid(rows.div_ceil(64)),
+            });
         }
-        if chunks.iter().any(|c| c.logits.size < 16) {
-            return Err(Error::Buffer("the logits buffer must hold at least 16 bytes from the window start".into()));
-        }
+        let name = job.kernel.name();
         let uniforms = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("xent params"),
+            label: Some(&format!("xent {name} params")),
             contents: &uniform_bytes,
             usage: wgpu::BufferUsages::UNIFORM,
         });
         let partials = (partial_count > 0).then(|| {
             self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("xent split-row partials"),
-                size: partial_count * PARTIAL_BYTES,
+                label: Some(&format!("xent {name} split-row partials")),
+                size: partial_count * job.kernel.partial_bytes(),
                 usage: wgpu::BufferUsages::STORAGE,
                 mapped_at_creation: false,
             })
         });
 
+        let layout = &self.modules(job.kernel).layout;
+        let dtypes = [sides[0].dtype, sides.get(1).map_or(sides[0].dtype, |s| s.dtype)];
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("xent forward"),
+            label: Some(&format!("xent {name}")),
             timestamp_writes: timestamps,
         });
         for (c, ch) in chunks.iter().enumerate() {
@@ -639,22 +757,27 @@ impl GpuContext {
                 (Some(p), true) => p,
                 _ => &self.no_partials,
             };
-            // The vec4 view covers whole 16-byte words only; the scalar view the whole window.
-            let vec_size = (ch.logits.size / 16 * 16).max(16);
+            let mut entries = vec![
+                buffer_entry(0, &uniforms, c as u64 * uniform_stride, std::mem::size_of::<Params>() as u64),
+                buffer_entry(2, job.targets, ch.targets.offset, ch.targets.size),
+                buffer_entry(3, job.output, ch.output.offset, ch.output.size),
+                buffer_entry(5, partials_buf, 0, partials_buf.size()),
+            ];
+            for (k, (s, w)) in sides.iter().zip(&ch.sides).enumerate() {
+                // The vec4 view covers whole 16-byte words only; the scalar view the whole window.
+                let vec_size = (w.size / 16 * 16).max(16);
+                let (vec_binding, word_binding) = if k == 0 { (1, 4) } else { (6, 7) };
+                entries.push(buffer_entry(vec_binding, s.buffer, w.offset, vec_size));
+                entries.push(buffer_entry(word_binding, s.buffer, w.offset, w.size));
+            }
             let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("xent forward bind group"),
-                layout: &self.layout,
-                entries: &[
-                    buffer_entry(0, &uniforms, c as u64 * uniform_stride, std::mem::size_of::<Params>() as u64),
-                    buffer_entry(1, job.logits, ch.logits.offset, vec_size),
-                    buffer_entry(2, job.targets, ch.targets.offset, ch.targets.size),
-                    buffer_entry(3, job.output, ch.output.offset, ch.output.size),
-                    buffer_entry(4, job.logits, ch.logits.offset, ch.logits.size),
-                    buffer_entry(5, partials_buf, 0, partials_buf.size()),
-                ],
+                label: Some(&format!("xent {name} bind group")),
+                layout,
+                entries: &entries,
             });
             let key = PipelineKey {
-                dtype: job.dtype,
+                kernel: job.kernel,
+                dtypes,
                 workgroup_size: self.workgroup_size,
                 rows_per_workgroup: ch.plan.rows_per_workgroup,
                 reduction: ch.plan.reduction,
@@ -686,41 +809,6 @@ impl GpuContext {
         // Rounded down to whole words (a storage binding's size must be): the bytes needed are.
         let size = (end - offset).max(16.min(buffer.size() - offset)) / 4 * 4;
         Window { offset, size, first: (start - offset) / unit }
-    }
-
-    /// Scores host logits on the GPU: validates targets, uploads chunk by chunk, runs the fused
-    /// kernel, reads back one [`RowLoss`] per row.
-    ///
-    /// # Errors
-    /// As [`validate_targets`], and [`Error::Gpu`] if the device reports an error.
-    pub fn score(&self, logits: Logits<'_>, targets: Targets<'_>, opts: &Options) -> Result<Vec<RowLoss>> {
-        let t = validate_targets(targets, logits.rows(), logits.vocab(), opts)?;
-        self.score_validated(logits, &t)
-    }
-
-    /// [`GpuContext::score`] with targets already in kernel form (see [`validate_targets`]).
-    /// Goes through a [`Stream`] so that upload, kernel and readback overlap.
-    pub(crate) fn score_validated(&self, logits: Logits<'_>, targets: &[u32]) -> Result<Vec<RowLoss>> {
-        if logits.rows() == 0 {
-            return Ok(Vec::new());
-        }
-        // Chunks of a quarter of the input (so that at least a few overlap), 8 to 64 MiB.
-        let chunk_bytes = (logits.bytes().len() as u64 / 4).clamp(8 << 20, 64 << 20);
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let result = (|| {
-            let mut stream = Stream::new(self, logits.dtype(), logits.vocab() as u32, chunk_bytes)?;
-            let mut out = stream.push(logits, targets)?;
-            out.extend(stream.finish()?);
-            Ok(out)
-        })();
-        if let Some(e) = pollster::block_on(oom.pop()) {
-            return Err(Error::Gpu(e.to_string()));
-        }
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(e.to_string()));
-        }
-        result
     }
 }
 
