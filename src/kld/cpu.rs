@@ -14,10 +14,10 @@
 
 use rayon::prelude::*;
 
-use super::math::{g_series, Partial};
+use super::math::Partial;
 use super::reference::kernel_targets;
 use super::KldRow;
-use crate::cpu::{block_of, exp16, get_bf16, get_f16, get_f32, prefetch, Isa, LANES, PORTABLE_FMA};
+use crate::cpu::{block_of, exp16, fma, get_bf16, get_f16, get_f32, prefetch, Isa, LANES, PORTABLE_FMA};
 use crate::error::Result;
 use crate::problem::{Dtype, Logits, Options, Targets};
 
@@ -188,46 +188,64 @@ fn scan_portable(da: Dtype, db: Dtype, runs: Runs<'_>, ahead: Runs<'_>) -> Parti
     for_dtypes!(da, db, f32s, bf16s, f16s, go)
 }
 
-/// Pass 1 of one side: the max (NaN skipped), whether a NaN or `+inf` occurs, and the first block
-/// of [`BLOCK`] vectors holding the max.
+/// Pass 1 of one side: the max (NaN skipped), the lowest value, whether a NaN or `+inf` occurs,
+/// and the first index of the max (looked for in the one block of [`BLOCK`] vectors that first
+/// holds it). `tail` holds the values after the last whole vector.
 // `!(v < inf)` is meant: it is true for NaN as well as +inf.
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
 #[inline(always)]
 fn max_pass<const N: usize>(
     bytes: &[u8],
     full: usize,
-    tail: &[f32; LANES],
+    tail: &[f32],
     load: impl Fn(&[u8]) -> [f32; LANES] + Copy,
-) -> (f32, bool, Option<usize>) {
+) -> Pass1 {
     let mut m = [f32::NEG_INFINITY; LANES];
+    let mut lo = [f32::INFINITY; LANES];
     let mut bad = [false; LANES];
     let (mut best, mut best_block) = (f32::NEG_INFINITY, 0);
-    let blocks = full.div_ceil(BLOCK);
-    for blk in 0..=blocks {
-        if blk < blocks {
-            for i in blk * BLOCK..((blk + 1) * BLOCK).min(full) {
-                max_vec(&mut m, &mut bad, load(&bytes[i * LANES * N..(i + 1) * LANES * N]));
-            }
-        } else {
-            max_vec(&mut m, &mut bad, *tail);
+    for (blk, i0) in (0..full).step_by(BLOCK).enumerate() {
+        for i in i0..(i0 + BLOCK).min(full) {
+            max_vec(&mut m, &mut lo, &mut bad, load(&bytes[i * LANES * N..(i + 1) * LANES * N]));
         }
         let h = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if h > best {
             (best, best_block) = (h, blk);
         }
     }
-    let bad = bad.iter().any(|&b| b);
-    // The first index of the max, looked for in the one block pass 1 named.
-    let idx = (best > f32::NEG_INFINITY).then(|| {
-        let lo = best_block * BLOCK;
-        (lo..((best_block + 1) * BLOCK).min(full))
-            .find_map(|i| {
-                let v = load(&bytes[i * LANES * N..(i + 1) * LANES * N]);
-                v.iter().position(|&x| x == best).map(|k| i * LANES + k)
-            })
-            .or_else(|| tail.iter().position(|&x| x == best).map(|k| full * LANES + k))
-    });
-    (best, bad, idx.flatten())
+    let mut lowest = lo.iter().copied().fold(f32::INFINITY, f32::min);
+    let mut any_bad = bad.iter().any(|&b| b);
+    let mut tail_best = None;
+    for (k, &v) in tail.iter().enumerate() {
+        any_bad |= !(v < f32::INFINITY);
+        lowest = lowest.min(v);
+        if v > best {
+            best = v;
+            tail_best = Some(full * LANES + k);
+        }
+    }
+    let idx = match tail_best {
+        Some(i) => Some(i),
+        None if best > f32::NEG_INFINITY => {
+            let lo = best_block * BLOCK;
+            (lo..(lo + BLOCK).min(full))
+                .find_map(|i| {
+                    let v = load(&bytes[i * LANES * N..(i + 1) * LANES * N]);
+                    v.iter().position(|&x| x == best).map(|k| i * LANES + k)
+                })
+                .or_else(|| tail.iter().position(|&x| x == best).map(|k| full * LANES + k))
+        }
+        None => None,
+    };
+    Pass1 { max: best, lowest, bad: any_bad, idx }
+}
+
+/// What pass 1 learns of one side of a run.
+struct Pass1 {
+    max: f32,
+    lowest: f32,
+    bad: bool,
+    idx: Option<usize>,
 }
 
 /// One vector of pass 1. (Hot code is in functions, never closures: a closure defined outside the
@@ -235,9 +253,10 @@ fn max_pass<const N: usize>(
 // `!(v < inf)` is meant: it is true for NaN as well as +inf.
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
 #[inline(always)]
-fn max_vec(m: &mut [f32; LANES], bad: &mut [bool; LANES], v: [f32; LANES]) {
+fn max_vec(m: &mut [f32; LANES], lo: &mut [f32; LANES], bad: &mut [bool; LANES], v: [f32; LANES]) {
     for k in 0..LANES {
         m[k] = if v[k] > m[k] { v[k] } else { m[k] };
+        lo[k] = if v[k] < lo[k] { v[k] } else { lo[k] };
         bad[k] |= !(v[k] < f32::INFINITY);
     }
 }
@@ -264,13 +283,17 @@ fn pair_scan<const FMA: bool, const NA: usize, const NB: usize>(
         std::array::from_fn(|k| if k < rest.len() / size { v[k] } else { f32::NEG_INFINITY })
     };
     let (ta, tb) = (pad(a, NA, &la), pad(b, NB, &lb));
-    let (ma, bad_a, idx_a) = max_pass::<NA>(a, full, &ta, la);
-    let (mb, bad_b, idx_b) = max_pass::<NB>(b, full, &tb, lb);
-    let mut st = Partial { ma, mb, idx_a, idx_b, bad: bad_a || bad_b, ..Partial::empty() };
-    let (Some(ia), Some(_)) = (idx_a, idx_b) else { return st };
+    let tail_len = n - full * LANES;
+    let pa = max_pass::<NA>(a, full, &ta[..tail_len], la);
+    let pb = max_pass::<NB>(b, full, &tb[..tail_len], lb);
+    let (ma, mb) = (pa.max, pb.max);
+    let mut st = Partial { ma, mb, idx_a: pa.idx, idx_b: pb.idx, bad: pa.bad || pb.bad, ..Partial::empty() };
+    let (Some(ia), Some(_)) = (pa.idx, pb.idx) else { return st };
     if st.bad {
         return st;
     }
+    // Without −inf on either side, pass 2 needs no masking.
+    let masked = pa.lowest == f32::NEG_INFINITY || pb.lowest == f32::NEG_INFINITY;
     let at = |bytes: &[u8], size: usize, load: &dyn Fn(&[u8]) -> [f32; LANES], t: &[f32; LANES], i: usize| {
         if i < full * LANES {
             load(&bytes[i / LANES * LANES * size..(i / LANES + 1) * LANES * size])[i % LANES]
@@ -282,10 +305,11 @@ fn pair_scan<const FMA: bool, const NA: usize, const NB: usize>(
     let c = ma - b_c;
     st.c = if c.is_finite() { c } else { 0.0 };
     let spread = mb - b_c;
-    let sums = if spread <= 20.0 {
-        sum_pass::<FMA, NA, NB, false>(runs, ahead, full, [ta, tb], ma, mb, st.c, b_c, spread.exp(), la, lb, exp16)
-    } else {
-        sum_pass::<FMA, NA, NB, true>(runs, ahead, full, [ta, tb], ma, mb, st.c, b_c, 0.0, la, lb, exp16)
+    let p = Consts { ma, mb, c: st.c, b_c, k: spread.exp() };
+    let sums = match (spread <= 20.0, masked) {
+        (true, false) => sum_pass::<FMA, NA, NB, false, false>(runs, ahead, full, [ta, tb], &p, la, lb, exp16),
+        (true, true) => sum_pass::<FMA, NA, NB, false, true>(runs, ahead, full, [ta, tb], &p, la, lb, exp16),
+        (false, _) => sum_pass::<FMA, NA, NB, true, true>(runs, ahead, full, [ta, tb], &p, la, lb, exp16),
     };
     [st.sa, st.sb, st.g, st.y, st.mm, st.zb] = sums;
     st
@@ -300,11 +324,13 @@ struct Consts {
     k: f32,
 }
 
-/// Adds one vector pair's terms to the lanes: `exp(a − ma)`, `exp(b − mb)`, `w·g(e)`,
-/// `w·expm1(−e)`, `w·e`, and `exp(b − mb)` where the base is −inf (−inf logits contribute nothing).
+/// Adds one vector pair's terms to the lane sums `t`: `exp(a − ma)`, `exp(b − mb)`, `w·g(e)`,
+/// `w·expm1(−e)`, `w·e`, and `exp(b − mb)` where the base is −inf (−inf logits contribute
+/// nothing). (Returning the terms for the caller to add, or iterating with `chunks_exact`, made
+/// the f32 loop 2× slower on the dev machine: measured.)
 #[inline(always)]
-fn add_pair<const DIRECT: bool>(
-    lanes: &mut [[f32; LANES]; 6],
+fn add_pair<const FMA: bool, const DIRECT: bool, const MASKED: bool>(
+    t: &mut [[f32; LANES]; 6],
     xa: [f32; LANES],
     xb: [f32; LANES],
     p: &Consts,
@@ -315,30 +341,53 @@ fn add_pair<const DIRECT: bool>(
     let v: [f32; LANES] =
         if DIRECT { std::array::from_fn(|j| (xb[j] - p.b_c).exp()) } else { std::array::from_fn(|j| u[j] * p.k) };
     for j in 0..LANES {
-        let (a_in, b_in) = (xa[j] > f32::NEG_INFINITY, xb[j] > f32::NEG_INFINITY);
+        // Without −inf anywhere (`!MASKED`) every logit is in, and the selects compile away.
+        let (a_in, b_in) = if MASKED { (xa[j] > f32::NEG_INFINITY, xb[j] > f32::NEG_INFINITY) } else { (true, true) };
         let w = if a_in { w[j] } else { 0.0 };
         let u = if b_in { u[j] } else { 0.0 };
         let v = if b_in { v[j] } else { 0.0 };
         let e = (xa[j] - xb[j]) - p.c;
-        let q = g_series(e);
+        let q = g_poly::<FMA>(e);
         let small = e.abs() < 0.5;
-        let tg = if small { w * q } else { w * (e - 1.0) + v };
+        let tg = if small { w * q } else { fma::<FMA>(w, e - 1.0, v) };
         let ty = if small { w * (q - e) } else { v - w };
-        lanes[0][j] += w;
-        lanes[1][j] += u;
-        lanes[2][j] += if a_in { tg } else { 0.0 };
-        lanes[3][j] += if a_in { ty } else { 0.0 };
-        lanes[4][j] += if a_in { w * e } else { 0.0 };
-        lanes[5][j] += if a_in { 0.0 } else { u };
+        t[0][j] += w;
+        t[1][j] += u;
+        t[2][j] += if a_in { tg } else { 0.0 };
+        t[3][j] += if a_in { ty } else { 0.0 };
+        t[4][j] += if a_in { w * e } else { 0.0 };
+        if MASKED {
+            t[5][j] += if a_in { 0.0 } else { u };
+        }
     }
 }
 
-/// Moves the lanes' f32 sums into the f64 totals.
+/// [`super::math::g_series`] (the same coefficients, so the same values to rounding) with fused multiply-adds
+/// where the instruction set has them.
 #[inline(always)]
-fn flush(total: &mut [f64; 6], lanes: &mut [[f32; LANES]; 6]) {
-    for (t, l) in total.iter_mut().zip(lanes.iter_mut()) {
-        *t += l.iter().map(|&x| f64::from(x)).sum::<f64>();
-        *l = [0.0; LANES];
+fn g_poly<const FMA: bool>(e: f32) -> f32 {
+    const C: [f32; 8] =
+        [1.0 / 2.0, -1.0 / 6.0, 1.0 / 24.0, -1.0 / 120.0, 1.0 / 720.0, -1.0 / 5040.0, 1.0 / 40320.0, -1.0 / 362_880.0];
+    let mut p = C[7];
+    for &k in C[..7].iter().rev() {
+        p = fma::<FMA>(p, e, k);
+    }
+    e * e * p
+}
+
+/// Lane sums of pass 2: f32 within a block of [`BLOCK`] vectors, then flushed to f64.
+#[derive(Default)]
+struct Acc {
+    s: [[f32; LANES]; 6],
+}
+
+impl Acc {
+    #[inline(always)]
+    fn flush(&mut self, total: &mut [f64; 6]) {
+        for (t, l) in total.iter_mut().zip(self.s.iter_mut()) {
+            *t += l.iter().map(|&x| f64::from(x)).sum::<f64>();
+            *l = [0.0; LANES];
+        }
     }
 }
 
@@ -346,35 +395,31 @@ fn flush(total: &mut [f64; 6], lanes: &mut [[f32; LANES]; 6]) {
 /// is `exp(b − mb)·k` (`k = exp(mb − b_c)`), or with `DIRECT` a separate `exp`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn sum_pass<const FMA: bool, const NA: usize, const NB: usize, const DIRECT: bool>(
+fn sum_pass<const FMA: bool, const NA: usize, const NB: usize, const DIRECT: bool, const MASKED: bool>(
     runs: Runs<'_>,
     ahead: Runs<'_>,
     full: usize,
     tails: [[f32; LANES]; 2],
-    ma: f32,
-    mb: f32,
-    c: f32,
-    b_c: f32,
-    k: f32,
+    consts: &Consts,
     la: impl Fn(&[u8]) -> [f32; LANES] + Copy,
     lb: impl Fn(&[u8]) -> [f32; LANES] + Copy,
     exp16: impl Fn([f32; LANES]) -> [f32; LANES] + Copy,
 ) -> [f64; 6] {
     let [a, b] = runs;
     let mut total = [0f64; 6];
-    let mut lanes = [[0f32; LANES]; 6];
-    let consts = Consts { ma, mb, c, b_c, k };
+    let mut acc = Acc::default();
     for i0 in (0..full).step_by(BLOCK) {
         for i in i0..(i0 + BLOCK).min(full) {
             prefetch(ahead[0], i * LANES * NA);
             prefetch(ahead[1], i * LANES * NB);
             let xa = la(&a[i * LANES * NA..(i + 1) * LANES * NA]);
             let xb = lb(&b[i * LANES * NB..(i + 1) * LANES * NB]);
-            add_pair::<DIRECT>(&mut lanes, xa, xb, &consts, exp16);
+            add_pair::<FMA, DIRECT, MASKED>(&mut acc.s, xa, xb, consts, exp16);
         }
-        flush(&mut total, &mut lanes);
+        acc.flush(&mut total);
     }
-    add_pair::<DIRECT>(&mut lanes, tails[0], tails[1], &consts, exp16);
-    flush(&mut total, &mut lanes);
+    // The tails are padded with −inf: always masked.
+    add_pair::<FMA, DIRECT, true>(&mut acc.s, tails[0], tails[1], consts, exp16);
+    acc.flush(&mut total);
     total
 }
