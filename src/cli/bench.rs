@@ -254,23 +254,36 @@ fn kld_cases(a: &BenchArgs, gpu: Option<&GpuContext>, want_cpu: bool) -> Result<
 }
 
 // ---------------------------------------------------------------------------------------------
-// GPU KLD rows: the one place they are added (the fused kernel and the unfused baseline to come).
+// GPU KLD rows.
 // ---------------------------------------------------------------------------------------------
 
 /// The GPU rows of one KLD case, in this order (the same ceiling as the cross-entropy rows: the
 /// adapter's copy bandwidth):
 /// - "gpu kld fused kernel": the kernel on resident base and test buffers rotated over 256 MiB,
-///   device time (`xent::bench::KldResident`, as `Resident` for cross-entropy) — to be added here;
+///   device time (`xent::bench::KldResident`, as `Resident` for cross-entropy);
 /// - "gpu kld unfused baseline": log-softmax of both sides written out, then the sum
-///   (`xent::bench::KldUnfused`, f32) — to be added here;
+///   (`xent::bench::KldUnfused`, f32 inputs that fit one binding);
 /// - "gpu kld end-to-end": [`GpuContext::kld`] from host memory, streamed.
 ///
 /// # Errors
 /// A device error.
 fn gpu_kld_rows(ctx: &GpuContext, k: &KldCase<'_>) -> Result<Vec<BenchRow>> {
     let targets = || Some(Targets::I64(k.targets));
+    let kernel_targets = xent::kld::reference::kernel_targets(k.base, k.test, targets(), &k.opts)?;
+    let mut rows = Vec::new();
+    let plan = ctx.plan_kld(k.base.rows() as u64, k.base.vocab() as u32).to_string();
+    {
+        let resident = xent::bench::KldResident::rotating(ctx, k.base, k.test, &kernel_targets, 256 << 20)?;
+        let t = time_gpu(k.iters, || resident.run())?;
+        rows.push(k.case.row("gpu kld fused kernel", plan, t.best(), true));
+    }
+    if let Ok(unfused) = xent::bench::KldUnfused::new(ctx, k.base, k.test) {
+        let t = time_gpu(k.iters, || unfused.run())?;
+        rows.push(k.case.row("gpu kld unfused baseline", "log_softmax x2 + sum".into(), t.best(), true));
+    }
     let e2e = time(k.iters, || Ok(ctx.kld(k.base, k.test, targets(), &k.opts)?))?;
-    Ok(vec![k.case.row("gpu kld end-to-end", format!("ring of {}", xent::RING), e2e, true)])
+    rows.push(k.case.row("gpu kld end-to-end", format!("ring of {}", xent::RING), e2e, true));
+    Ok(rows)
 }
 
 fn time_gpu(iters: usize, mut f: impl FnMut() -> xent::Result<xent::bench::Timing>) -> Result<xent::bench::Timing> {
