@@ -34,11 +34,12 @@ for DEV in $DEVICES; do
     "$XENT" kld --device "$DEV" --quiet --base "$DIR/base-$i.safetensors" --logits "$DIR/test-$i.safetensors" \
       --targets "$DIR/targets-$i.npy" --summary-out "$DIR/$DEV-$i.json" >/dev/null 2>&1
   done
-  MERGED=$("$XENT" merge --json "$DIR/$DEV"-[0-9]*.json)
-  python3 - "$BYTES" "$RSS" "$DEV" "$BENCH" "$(cat "$DIR/kld.json")" "$MERGED" <<'PY'
+  "$XENT" merge --json "$DIR/$DEV"-[0-9]*.json >"$DIR/merged.json"
+  echo "$BENCH" >"$DIR/bench.json"
+  python3 - "$BYTES" "$RSS" "$DEV" "$DIR/bench.json" "$DIR/kld.json" "$DIR/merged.json" <<'PY'
 import json, sys
 nbytes, rss, dev = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-bench, one, merged = (json.loads(a) for a in sys.argv[4:7])
+bench, one, merged = (json.load(open(a)) for a in sys.argv[4:7])
 path = "cpu kld fast" if dev == "cpu" else "gpu kld end-to-end"
 ref = next((r["gb_per_s"] for r in bench["results"] if r["path"] == path), float("nan"))
 got = nbytes / one["seconds"] / 1e9

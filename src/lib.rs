@@ -1,7 +1,8 @@
-//! # xent — fused cross-entropy on the GPU
+//! # xent — fused cross-entropy and KL divergence on the GPU
 //!
-//! Cross-entropy over huge `[rows, vocab]` logits in one fused pass per row, in WGSL compute
-//! shaders through [`wgpu`] (Vulkan, Metal, DX12), checked against a plain f64 CPU reference.
+//! Cross-entropy over huge `[rows, vocab]` logits in one fused pass per row, and the KL divergence
+//! between two models' logits in one fused pass over both rows ([`kld`]), in WGSL compute shaders
+//! through [`wgpu`] (Vulkan, Metal, DX12), checked against plain f64 CPU references.
 //!
 //! ## The maths
 //! For each row `x` (length `vocab`) with target `t`:
@@ -33,6 +34,10 @@
 //! - [`cpu::score`]: the fast multi-threaded CPU path; [`reference::score`]: the f64 oracle.
 //! - [`Summary`]: exact, mergeable sums giving mean nll, perplexity ± standard error, bits per
 //!   token, accuracy.
+//! - KL divergence of a test model from a base ([`kld`]): [`GpuContext::kld`] (host slices),
+//!   [`GpuContext::encode_kld`] (an engine's buffers), [`KldStream`], [`kld::cpu::kld`],
+//!   [`kld::reference::kld`], files with [`kld::eval::evaluate_kld`], llama.cpp's statistics in a
+//!   mergeable [`kld::summary::KldSummary`], and llama.cpp's base files ([`llamacpp`]).
 //!
 //! ## Example
 //! ```

@@ -266,6 +266,26 @@ fn kld_files_shards_merge_and_per_token() {
             assert!((f64::from(*g) - w.kld).abs() <= 1e-7 + 1e-4 * w.kld, "gpu row {i}: {g} vs {}", w.kld);
         }
     }
+    // Per-token .safetensors: kld and same_top always, nll_base / nll_test / dp only with targets.
+    let st = d.join("pt.safetensors");
+    let with: Vec<String> = all(&["--device", "cpu", "--quiet", "--per-token", st.to_str().unwrap()]);
+    assert!(run(&with.iter().map(String::as_str).collect::<Vec<_>>()).status.success());
+    let names = |p: &Path| {
+        let bytes = std::fs::read(p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut n: Vec<String> = st.names().into_iter().map(String::from).collect();
+        n.sort();
+        (n, st.tensor("kld").unwrap().shape().to_vec())
+    };
+    assert_eq!(
+        names(&st),
+        (vec!["dp".into(), "kld".into(), "nll_base".into(), "nll_test".into(), "same_top".into()], vec![96])
+    );
+    let st2 = d.join("pt2.safetensors");
+    let o =
+        run(&["kld", "--base", &paths.0[0], "--logits", &paths.1[0], "--quiet", "--per-token", st2.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(names(&st2), (vec!["kld".into(), "same_top".into()], vec![32]));
     // Shards compared apart and merged: the same summary as one run, exact sums to the last digit.
     let mut outs = Vec::new();
     for s in 0..3 {

@@ -141,3 +141,55 @@ fn ignored_rows_and_bad_shapes() {
     let err = xent::kld::cpu::kld(base, test, Some(Targets::I64(&bad)), &Options::default()).unwrap_err();
     assert!(err.to_string().contains("row 3"), "{err}");
 }
+
+/// Masks the review found: a run of the row (the CPU cuts rows into runs of at most 32k logits,
+/// and shorter ones when rows are fewer than threads) that is all −inf on one side, and
+/// `f32::MIN` used as a mask (finite, so the clamped exp must not weigh it). CPU and GPU against
+/// the reference.
+#[test]
+fn one_sided_masks_across_runs_and_finite_masks() {
+    let vocab = 65_536;
+    let (a0, b0, _) = xent::synth::kld_pair(2, vocab, 3, 0.1);
+    let (mut a, mut b) = (a0.clone(), b0.clone());
+    // Row 0: the base's second half is -inf (p = 0 there; the test keeps its mass).
+    a[vocab / 2..vocab].fill(f32::NEG_INFINITY);
+    // Row 1: the test's second half is -inf where the base is finite: KLD = +inf.
+    b[vocab + vocab / 2..2 * vocab].fill(f32::NEG_INFINITY);
+    // `f32::MIN` on the base (p = 0 there, the test keeps its mass), and far-off base logits.
+    let tiny_a = [0.0f32, 0.0, f32::MIN, 1.0, f32::MIN, -100.0];
+    let tiny_b = [0.0f32, 1.0, 0.0, -3.0, 2.0, 0.5];
+    let opts = Options::default();
+    let cases: [(&[f32], &[f32], usize); 2] = [(&a, &b, vocab), (&tiny_a, &tiny_b, 6)];
+    for (a, b, v) in cases {
+        let base = Logits::f32(a, v).unwrap();
+        let test = Logits::f32(b, v).unwrap();
+        let want = xent::kld::reference::kld(base, test, None, &opts).unwrap();
+        let got = xent::kld::cpu::kld(base, test, None, &opts).unwrap();
+        check(&got, &want, 1e-7, 1e-4, 2e-6, 2e-6).unwrap_or_else(|e| panic!("cpu, vocab {v}: {e}"));
+        // The same rows one at a time: one row splits into runs on every thread.
+        for r in 0..a.len() / v {
+            let one = xent::kld::cpu::kld(base.slice_rows(r, r + 1), test.slice_rows(r, r + 1), None, &opts).unwrap();
+            check(&one, &want[r..r + 1], 1e-7, 1e-4, 2e-6, 2e-6).unwrap_or_else(|e| panic!("cpu row {r}: {e}"));
+        }
+        if let Ok(gpu) = xent::GpuContext::new() {
+            let got = gpu.kld(base, test, None, &opts).unwrap();
+            check(&got, &want, 1e-7, 1e-4, 2e-6, 2e-6).unwrap_or_else(|e| panic!("gpu, vocab {v}: {e}"));
+        }
+        if v == vocab {
+            assert!(want[0].kld.is_finite() && want[1].kld.is_infinite());
+        }
+    }
+}
+
+/// `f32::MIN` on the test where the base has mass: a KLD of ~2e38, still an f32. The CPU's f64
+/// sums hold it; the f32 GPU kernel overflows there (not tested: far outside any real model pair).
+#[test]
+fn cpu_holds_a_kld_near_the_f32_limit() {
+    let a = [0.0f32, 0.0, f32::MIN, 1.0, f32::MIN, -100.0];
+    let b = [0.0f32, 1.0, 0.0, f32::MIN, 2.0, 0.5];
+    let (base, test) = (Logits::f32(&a, 6).unwrap(), Logits::f32(&b, 6).unwrap());
+    let want = xent::kld::reference::kld(base, test, None, &Options::default()).unwrap();
+    let got = xent::kld::cpu::kld(base, test, None, &Options::default()).unwrap();
+    assert!(want[0].kld > 1e38 && want[0].kld.is_finite());
+    check(&got, &want, 1e-7, 1e-4, 2e-6, 2e-6).unwrap();
+}

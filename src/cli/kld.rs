@@ -32,9 +32,9 @@ pub struct KldArgs {
     /// the last position of each sequence is dropped.
     #[arg(long)]
     shift: bool,
-    /// Target value whose rows are left out of every statistic.
-    #[arg(long, default_value_t = -100, allow_hyphen_values = true)]
-    ignore_index: i64,
+    /// Target value whose rows are left out of every statistic (default -100).
+    #[arg(long, allow_hyphen_values = true)]
+    ignore_index: Option<i64>,
     /// Where to run: the GPU, the CPU, or the GPU when a hardware one exists (said on stderr).
     /// A llama.cpp base is always compared on the CPU, as llama.cpp does.
     #[arg(long, value_enum, default_value = "auto")]
@@ -102,6 +102,9 @@ pub fn run(a: &KldArgs) -> Result<()> {
         if a.shift {
             bail!("--shift with a llama.cpp base file: its records already predict the next token");
         }
+        if a.ignore_index.is_some() {
+            bail!("--ignore-index with a llama.cpp base file: every record is scored, as llama.cpp does");
+        }
     } else if !target_paths.is_empty() && target_paths.len() != base_paths.len() {
         bail!(
             "{} base file{} but {} targets file{}: give one --targets file per --base file",
@@ -112,16 +115,21 @@ pub fn run(a: &KldArgs) -> Result<()> {
         );
     }
     let opts = KldEvalOptions {
-        options: Options { ignore_index: a.ignore_index },
+        options: a.ignore_index.map_or_else(Options::default, |ignore_index| Options { ignore_index }),
         shift: a.shift,
         per_token: a.per_token.is_some(),
-        per_token_extra: a.per_token.as_deref().is_some_and(|p| output_kind(p).ok() == Some(Kind::Safetensors)),
+        // nll_base, nll_test and dp exist only with targets (a llama.cpp base has them from its tokens).
+        per_token_extra: (llama || !target_paths.is_empty())
+            && a.per_token.as_deref().is_some_and(|p| output_kind(p).ok() == Some(Kind::Safetensors)),
         chunk_bytes: a.chunk_mib.max(1) << 20,
         percentile_budget: a.percentile_budget,
     };
     let gpu = if llama {
-        if a.device == DeviceArg::Gpu {
-            eprintln!("xent: kld: a llama.cpp base file is compared on the CPU (llama.cpp's definitions, in f64)");
+        if a.device != DeviceArg::Cpu {
+            eprintln!(
+                "xent: device {}: using the CPU (a llama.cpp base file is compared with llama.cpp's own definitions, on the CPU)",
+                if a.device == DeviceArg::Gpu { "gpu" } else { "auto" }
+            );
         }
         None
     } else {
@@ -178,12 +186,14 @@ pub fn run(a: &KldArgs) -> Result<()> {
     if let (Some(path), Some(pt)) = (&a.per_token, &result.per_token) {
         outputs.push(stage_per_token(path, pt)?);
     }
-    let json = result.summary.to_json(device, seconds);
+    let stats = result.summary.stats();
+    let json = result.summary.report_json_with(&stats, device, seconds);
     if let Some(path) = &a.summary_out {
-        outputs.push(xent::io::stage(path, format!("{json}\n").as_bytes())?);
+        let full = result.summary.to_json_with(&stats, device, seconds);
+        outputs.push(xent::io::stage(path, format!("{full}\n").as_bytes())?);
     }
     xent::io::commit_all(outputs)?;
-    let text = result.summary.human();
+    let text = result.summary.human_with(&stats);
     if a.json {
         eprint!("{text}");
         println!("{json}");

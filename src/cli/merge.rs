@@ -111,17 +111,18 @@ fn merge_kld(a: &MergeArgs, files: &[(String, String)]) -> Result<()> {
         }
     }
     let total = total.ok_or_else(|| anyhow!("no summaries"))?;
-    let json = total.to_json("merged", seconds);
+    let stats = total.stats();
     if let Some(path) = &a.summary_out {
         if output_kind(path)? != Kind::Json {
             bail!("{}: --summary-out writes .json", path.display());
         }
-        xent::io::write_atomic(path, format!("{json}\n").as_bytes())?;
+        let full = total.to_json_with(&stats, "merged", seconds);
+        xent::io::write_atomic(path, format!("{full}\n").as_bytes())?;
     }
     if a.json {
-        println!("{json}");
+        println!("{}", total.report_json_with(&stats, "merged", seconds));
     } else {
-        print!("{}", total.human());
+        print!("{}", total.human_with(&stats));
     }
     Ok(())
 }

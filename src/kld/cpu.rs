@@ -261,6 +261,7 @@ fn max_vec(m: &mut [f32; LANES], lo: &mut [f32; LANES], bad: &mut [bool; LANES],
     }
 }
 
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 /// The two passes over one run pair of `N*`-byte logits; the last `< LANES` logits of each side
 /// are padded with −inf, which contributes nothing.
 #[inline(always)]
@@ -288,12 +289,16 @@ fn pair_scan<const FMA: bool, const NA: usize, const NB: usize>(
     let pb = max_pass::<NB>(b, full, &tb[..tail_len], lb);
     let (ma, mb) = (pa.max, pb.max);
     let mut st = Partial { ma, mb, idx_a: pa.idx, idx_b: pb.idx, bad: pa.bad || pb.bad, ..Partial::empty() };
-    let (Some(ia), Some(_)) = (pa.idx, pb.idx) else { return st };
-    if st.bad {
+    // A run where one side is all −inf still holds the other side's mass: only a run empty on
+    // both sides (or a broken one) has nothing to sum.
+    if st.bad || (pa.idx.is_none() && pb.idx.is_none()) {
         return st;
     }
-    // Without −inf on either side, pass 2 needs no masking.
-    let masked = pa.lowest == f32::NEG_INFINITY || pb.lowest == f32::NEG_INFINITY;
+    // Base logits more than 87 below the max (−inf included) count as p = 0: their weight is below
+    // e^-87 relative (nothing to the sums), but the clamped exp would give them e^-87 times a huge
+    // e. Their test mass goes to `zb`, exactly. Without them, and without −inf on the test side,
+    // pass 2 needs no masking.
+    let masked = !(pa.lowest - ma >= -87.0) || pb.lowest == f32::NEG_INFINITY;
     let at = |bytes: &[u8], size: usize, load: &dyn Fn(&[u8]) -> [f32; LANES], t: &[f32; LANES], i: usize| {
         if i < full * LANES {
             load(&bytes[i / LANES * LANES * size..(i / LANES + 1) * LANES * size])[i % LANES]
@@ -301,7 +306,8 @@ fn pair_scan<const FMA: bool, const NA: usize, const NB: usize>(
             t[i - full * LANES]
         }
     };
-    let b_c = at(b, NB, &lb, &tb, ia);
+    // No base max in this run (all −inf): no centre, and every term is masked.
+    let b_c = pa.idx.map_or(f32::NAN, |ia| at(b, NB, &lb, &tb, ia));
     let c = ma - b_c;
     st.c = if c.is_finite() { c } else { 0.0 };
     let spread = mb - b_c;
@@ -342,7 +348,7 @@ fn add_pair<const FMA: bool, const DIRECT: bool, const MASKED: bool>(
         if DIRECT { std::array::from_fn(|j| (xb[j] - p.b_c).exp()) } else { std::array::from_fn(|j| u[j] * p.k) };
     for j in 0..LANES {
         // Without −inf anywhere (`!MASKED`) every logit is in, and the selects compile away.
-        let (a_in, b_in) = if MASKED { (xa[j] > f32::NEG_INFINITY, xb[j] > f32::NEG_INFINITY) } else { (true, true) };
+        let (a_in, b_in) = if MASKED { (xa[j] - p.ma > -87.0, xb[j] > f32::NEG_INFINITY) } else { (true, true) };
         let w = if a_in { w[j] } else { 0.0 };
         let u = if b_in { u[j] } else { 0.0 };
         let v = if b_in { v[j] } else { 0.0 };

@@ -470,6 +470,12 @@ pub fn evaluate_llama(
     // The test row of record i.
     let row_of: Box<dyn Fn(usize) -> usize + Sync> = match test {
         LlamaTest::Base(t) => {
+            if t.tokens() != base.tokens() {
+                return Err(mismatch(
+                    t.path(),
+                    format!("its tokens differ from those of the base {}: not the same text", base.path()),
+                ));
+            }
             if (t.n_ctx(), t.n_vocab(), t.n_chunk()) != (n_ctx, vocab, base.n_chunk()) {
                 return Err(mismatch(
                     t.path(),
@@ -510,28 +516,35 @@ pub fn evaluate_llama(
             }
         }
     };
-    let mut out = KldEvalResult {
-        summary: KldSummary::with_budget(opts.percentile_budget),
-        per_token: opts.per_token.then(KldPerToken::default),
-        bytes: 0,
+    let mut folder = Folder {
+        out: KldEvalResult {
+            summary: KldSummary::with_budget(opts.percentile_budget),
+            per_token: opts.per_token.then(KldPerToken::default),
+            bytes: 0,
+        },
+        opts,
     };
-    let row_bytes = 2 * vocab + 8 + vocab * 4;
+    let test_dtype = match test {
+        LlamaTest::Base(_) => None,
+        LlamaTest::Logits(t) => Some(t.logits()?.dtype()),
+    };
+    // Bytes read per record: the base record and the test row.
+    let row_bytes = 2 * vocab + 8 + vocab * test_dtype.map_or(2, Dtype::size);
     let chunk = (opts.chunk_bytes.max(1 << 20) as usize / row_bytes).max(1);
-    let mut folder = Folder { out: out.clone(), opts };
     for i0 in (0..records).step_by(chunk) {
         let n = chunk.min(records - i0);
         let rows = (i0..i0 + n)
             .into_par_iter()
             .map_init(
-                || vec![0f32; vocab],
-                |x, i| {
+                || (vec![0f32; vocab], Vec::new()),
+                |(x, bytes): &mut (Vec<f32>, Vec<u8>), i| {
                     match test {
                         LlamaTest::Base(t) => crate::llamacpp::dequantise(&t.record(i), x)?,
                         LlamaTest::Logits(t) => {
-                            let es = t.elem.size();
-                            let mut bytes = vec![0u8; vocab * es];
-                            t.read_data(row_of(i) * vocab * es, &mut bytes)?;
-                            let l = Logits::from_bytes(&bytes, t.logits()?.dtype(), 1, vocab)?;
+                            let dtype = test_dtype.unwrap_or(Dtype::F32);
+                            bytes.resize(vocab * dtype.size(), 0);
+                            t.read_data(row_of(i) * vocab * dtype.size(), bytes)?;
+                            let l = Logits::from_bytes(bytes, dtype, 1, vocab)?;
                             for (j, v) in x.iter_mut().enumerate() {
                                 *v = l.get(0, j);
                             }
@@ -551,6 +564,5 @@ pub fn evaluate_llama(
         LlamaTest::Base(t) => t.check_unchanged()?,
         LlamaTest::Logits(t) => t.check_unchanged()?,
     }
-    out = folder.out;
-    Ok(out)
+    Ok(folder.out)
 }

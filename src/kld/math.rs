@@ -1,6 +1,11 @@
 //! The fused KLD pass's state, written once in scalar Rust: how partial results of a row (parts
-//! scanned apart) merge and how a row is finished. The CPU fast path uses it directly; the WGSL
-//! kernel mirrors it line for line in f32 (`shaders/kld.wgsl`).
+//! scanned apart) merge and how a row is finished. The CPU fast path uses it directly (sums and
+//! merges in f64). The WGSL kernel (`shaders/kld.wgsl`) keeps the same state in f32 and needs
+//! three refinements that f64 does not: re-centring by `|δ| ≥ 1/2` through `t = Σ w·e` (products
+//! only, no `G − Y` cancellation), the masked test mass added as a term rather than through
+//! `log1p`, and `lse_b − lse_a` as `((m_a − m_b) − c) + (log S_a − log S_b)` for huge logits; it
+//! also picks between the two forms by the consistency check alone (1e-3). Both are held to the
+//! same tolerance against [`super::reference`] by the tests.
 //!
 //! Notation (see the [module docs](super)): `w_i = exp(a_i − m_a)`, `d_i = a_i − b_i`,
 //! `e_i = d_i − c` for the state's centre `c`, `g(e) = e + expm1(−e)`.
@@ -210,7 +215,8 @@ impl Partial {
             dp = (-nll_test).exp() - (-nll_base).exp();
         }
         KldRow {
-            kld: kld.max(0.0) as f32,
+            // Rounding can leave a tiny negative; NaN stays NaN.
+            kld: if kld < 0.0 { 0.0 } else { kld as f32 },
             nll_base: nll_base as f32,
             nll_test: nll_test as f32,
             dp: dp as f32,

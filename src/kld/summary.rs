@@ -690,8 +690,13 @@ impl KldSummary {
     /// targets), "KL divergence statistics", "Token probability statistics" (the Δp lines with
     /// targets; "Same top p" always). Δp and same top in %.
     pub fn human(&self) -> String {
+        self.human_with(&self.stats())
+    }
+
+    /// [`KldSummary::human`] from statistics already computed (`stats()` sorts the exact values:
+    /// compute it once when several outputs are wanted).
+    pub fn human_with(&self, s: &KldStats) -> String {
         use std::fmt::Write;
-        let s = self.stats();
         let mut o = String::new();
         // `write!` to a String cannot fail.
         if let Some(p) = &s.ppl {
@@ -771,7 +776,21 @@ impl KldSummary {
     /// `["fixed-point integer", nan, +inf, −inf]`) and the two sketches. This is also what
     /// `--summary-out` writes; [`KldSummary::from_json`] reads it back (without the exact values).
     pub fn to_json(&self, device: &str, seconds: f64) -> String {
-        let s = self.stats();
+        self.to_json_with(&self.stats(), device, seconds)
+    }
+
+    /// [`KldSummary::to_json`] from statistics already computed.
+    pub fn to_json_with(&self, s: &KldStats, device: &str, seconds: f64) -> String {
+        self.json(s, device, seconds, true)
+    }
+
+    /// The object `--json` prints: [`KldSummary::to_json`] without the two sketches (which run to
+    /// hundreds of kilobytes on large sets and only matter to merging: `--summary-out` has them).
+    pub fn report_json_with(&self, s: &KldStats, device: &str, seconds: f64) -> String {
+        self.json(s, device, seconds, false)
+    }
+
+    fn json(&self, s: &KldStats, device: &str, seconds: f64, sketches: bool) -> String {
         let mut o = String::from("{\"kind\":\"kld\"");
         let mut put = |k: &str, v: String| {
             o.push_str(&format!(",\"{k}\":{v}"));
@@ -842,8 +861,10 @@ impl KldSummary {
         let sums: serde_json::Map<String, Value> =
             Self::SUM_NAMES.iter().zip(self.sums()).map(|(k, v)| (k.to_string(), v.to_json())).collect();
         put("sums", Value::Object(sums).to_string());
-        put("sketch_kld", self.kld_sketch.to_json().to_string());
-        put("sketch_dp", self.dp_sketch.to_json().to_string());
+        if sketches {
+            put("sketch_kld", self.kld_sketch.to_json().to_string());
+            put("sketch_dp", self.dp_sketch.to_json().to_string());
+        }
         o.push('}');
         o
     }
