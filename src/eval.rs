@@ -172,22 +172,12 @@ pub fn evaluate(
     let layout = check_shards(shards)?;
     let chunk_bytes = if opts.chunk_bytes == 0 { 64 << 20 } else { opts.chunk_bytes };
     // Device errors (out of memory for the ring, a lost device) come back as errors, not panics.
-    let scopes = match engine {
-        Engine::Gpu(ctx) => Some((
-            ctx.device().push_error_scope(wgpu::ErrorFilter::Validation),
-            ctx.device().push_error_scope(wgpu::ErrorFilter::OutOfMemory),
-        )),
-        Engine::Cpu => None,
-    };
-    let result = evaluate_in_scope(engine, shards, opts, progress, layout, chunk_bytes);
-    if let Some((validation, oom)) = scopes {
-        for scope in [oom, validation] {
-            if let Some(e) = pollster::block_on(scope.pop()) {
-                return Err(Error::Gpu(e.to_string()));
-            }
+    match engine {
+        Engine::Gpu(ctx) => {
+            ctx.in_error_scopes(|| evaluate_in_scope(engine, shards, opts, progress, layout, chunk_bytes))
         }
+        Engine::Cpu => evaluate_in_scope(engine, shards, opts, progress, layout, chunk_bytes),
     }
-    result
 }
 
 fn evaluate_in_scope(

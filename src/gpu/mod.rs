@@ -408,6 +408,21 @@ impl GpuContext {
         }
     }
 
+    /// Runs `f` inside validation and out-of-memory error scopes: device errors come back as
+    /// [`Error::Gpu`], not panics.
+    pub(crate) fn in_error_scopes<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let scope = self.device().push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = self.device().push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let result = f();
+        if let Some(e) = pollster::block_on(oom.pop()) {
+            return Err(Error::Gpu(e.to_string()));
+        }
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(e.to_string()));
+        }
+        result
+    }
+
     /// The device.
     pub fn device(&self) -> &wgpu::Device {
         &self.device

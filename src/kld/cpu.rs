@@ -372,8 +372,7 @@ fn add_pair<const FMA: bool, const DIRECT: bool, const MASKED: bool>(
 /// where the instruction set has them.
 #[inline(always)]
 fn g_poly<const FMA: bool>(e: f32) -> f32 {
-    const C: [f32; 8] =
-        [1.0 / 2.0, -1.0 / 6.0, 1.0 / 24.0, -1.0 / 120.0, 1.0 / 720.0, -1.0 / 5040.0, 1.0 / 40320.0, -1.0 / 362_880.0];
+    const C: [f32; 8] = super::math::G_COEFFICIENTS;
     let mut p = C[7];
     for &k in C[..7].iter().rev() {
         p = fma::<FMA>(p, e, k);

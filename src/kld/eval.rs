@@ -337,15 +337,7 @@ mod gpu {
         folder: &mut Folder<'_>,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<()> {
-        let validation = ctx.device().push_error_scope(wgpu::ErrorFilter::Validation);
-        let oom = ctx.device().push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let result = run(ctx, shards, layout, opts, chunk_bytes, folder, progress);
-        for scope in [oom, validation] {
-            if let Some(e) = pollster::block_on(scope.pop()) {
-                return Err(Error::Gpu(e.to_string()));
-            }
-        }
-        result
+        ctx.in_error_scopes(|| run(ctx, shards, layout, opts, chunk_bytes, folder, progress))
     }
 
     /// One chunk read by the reader thread: shard, first row, rows, both sides' bytes.

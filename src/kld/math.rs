@@ -15,12 +15,15 @@
 use super::{KldRow, NO_TARGET};
 use crate::problem::IGNORED_TARGET;
 
+/// The Taylor coefficients of `g(e) / e²`: `(−1)^n / (n + 2)!`, `n = 0..8`.
+pub(crate) const G_COEFFICIENTS: [f32; 8] =
+    [1.0 / 2.0, -1.0 / 6.0, 1.0 / 24.0, -1.0 / 120.0, 1.0 / 720.0, -1.0 / 5040.0, 1.0 / 40320.0, -1.0 / 362_880.0];
+
 /// `g(e) = e − 1 + exp(−e)` by its Taylor series, for `|e| < 1/2` (relative error below 3e-9
 /// there; the next term is `e¹⁰/10!`).
 #[inline(always)]
 pub fn g_series(e: f32) -> f32 {
-    const C: [f32; 8] =
-        [1.0 / 2.0, -1.0 / 6.0, 1.0 / 24.0, -1.0 / 120.0, 1.0 / 720.0, -1.0 / 5040.0, 1.0 / 40320.0, -1.0 / 362_880.0];
+    const C: [f32; 8] = G_COEFFICIENTS;
     let mut p = C[7];
     for &k in C[..7].iter().rev() {
         p = p * e + k;
