@@ -2,54 +2,10 @@
 //! (per-token KLD within 1e-7 + 1e-4·kld for f32 pairs differing by noise of 1e-3, 1e-2 and 1, and
 //! vocabularies from 2 to 256000), every dtype pair, targets, ignored rows and broken rows.
 
-use xent::kld::reference::RefKldRow;
-use xent::kld::KldRow;
-use xent::{Dtype, Logits, Options, Targets};
+mod common;
 
-/// Checks every row: kld within `katol + krtol·kld`, nlls and Δp within `atol + rtol·|ref|`,
-/// argmaxes and flags equal. Returns the worst relative KLD error.
-pub fn check(got: &[KldRow], want: &[RefKldRow], katol: f64, krtol: f64, atol: f64, rtol: f64) -> Result<f64, String> {
-    let close = |g: f64, w: f64, at: f64, rt: f64| {
-        if g.is_nan() || w.is_nan() {
-            g.is_nan() && w.is_nan()
-        } else if g.is_infinite() || w.is_infinite() {
-            g == w
-        } else {
-            (g - w).abs() <= at + rt * w.abs()
-        }
-    };
-    let mut worst = 0f64;
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let gk = f64::from(g.kld);
-        if !close(gk, w.kld, katol, krtol) {
-            return Err(format!("row {i}: kld got {gk:e} want {:e} (err {:e})", w.kld, (gk - w.kld).abs()));
-        }
-        if w.kld.is_finite() && w.kld > 0.0 {
-            worst = worst.max((gk - w.kld).abs() / (katol + krtol * w.kld));
-        }
-        for (name, g, w) in
-            [("nll_base", g.nll_base, w.nll_base), ("nll_test", g.nll_test, w.nll_test), ("dp", g.dp, w.dp)]
-        {
-            if !close(f64::from(g), w, atol, rtol) {
-                return Err(format!("row {i}: {name} got {g} want {w}"));
-            }
-        }
-        let am = |x: Option<usize>| x.map_or(u32::MAX, |v| v as u32);
-        if !w.ignored && (g.argmax_base != am(w.argmax_base) || g.argmax_test != am(w.argmax_test)) {
-            return Err(format!(
-                "row {i}: argmax got {} / {} want {:?} / {:?}",
-                g.argmax_base, g.argmax_test, w.argmax_base, w.argmax_test
-            ));
-        }
-        if g.ignored() != w.ignored || g.same_top() != w.same_top || g.has_target() != w.has_target {
-            return Err(format!("row {i}: flags {:#x} vs reference {w:?}", g.flags));
-        }
-    }
-    if got.len() != want.len() {
-        return Err(format!("got {} rows, want {}", got.len(), want.len()));
-    }
-    Ok(worst)
-}
+use common::check_kld as check;
+use xent::{Dtype, Logits, Options, Targets};
 
 fn run(rows: usize, vocab: usize, noise: f32, da: Dtype, db: Dtype, with_targets: bool) -> f64 {
     let (a, b, t) = xent::synth::kld_pair(rows, vocab, 11 + vocab as u64, noise);
@@ -171,7 +127,7 @@ fn one_sided_masks_across_runs_and_finite_masks() {
             let one = xent::kld::cpu::kld(base.slice_rows(r, r + 1), test.slice_rows(r, r + 1), None, &opts).unwrap();
             check(&one, &want[r..r + 1], 1e-7, 1e-4, 2e-6, 2e-6).unwrap_or_else(|e| panic!("cpu row {r}: {e}"));
         }
-        if let Ok(gpu) = xent::GpuContext::new() {
+        if let Some(gpu) = common::gpu() {
             let got = gpu.kld(base, test, None, &opts).unwrap();
             check(&got, &want, 1e-7, 1e-4, 2e-6, 2e-6).unwrap_or_else(|e| panic!("gpu, vocab {v}: {e}"));
         }
