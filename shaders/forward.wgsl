@@ -29,32 +29,8 @@ const FLAG_IGNORED: u32 = 1u;
 const FLAG_CORRECT: u32 = 2u;
 const FLAG_BAD_TARGET: u32 = 4u;
 
-// The uniform every kernel of the family reads (the host's `gpu::Params`); this kernel has one
-// input, side a.
-struct Params {
-    // Rows in this dispatch.
-    rows: u32,
-    // Logits per row.
-    vocab: u32,
-    // Index of row 0's target within the targets binding.
-    targets_offset: u32,
-    // Index of row 0's result within the output binding.
-    out_offset: u32,
-    // Target value meaning "ignore this row" (0xffffffff when none).
-    ignore: u32,
-    // Workgroups along x in this dispatch (more than 65535 use y).
-    groups_x: u32,
-    // Parts per row (1: no split).
-    split: u32,
-    // Logits per part (a multiple of 8).
-    split_len: u32,
-    // Element index of row 0's first logit within the logits binding.
-    logits_offset: u32,
-    // Elements between the starts of consecutive rows.
-    row_stride: u32,
-    _b_offset: u32,
-    _b_stride: u32,
-}
+// `Params`, the uniform every kernel of the family reads, is in online_softmax.wgsl; this kernel
+// has one input, side a.
 
 struct RowLoss {
     nll: f32,
@@ -144,7 +120,7 @@ fn merge(a: State, b: State) -> State {
 }
 
 fn row_base(row: u32) -> u32 {
-    return params.logits_offset + row * params.row_stride;
+    return params.a_offset + row * params.a_stride;
 }
 
 // Writes row `row`'s result from its complete state.

@@ -44,23 +44,7 @@ const FLAG_HAS_TARGET: u32 = 8u;
 // The target value meaning "no target given for this row" (the host's kld::NO_TARGET).
 const NO_TARGET: u32 = 0xfffffffeu;
 
-// The uniform every kernel of the family reads (the host's `gpu::Params`).
-struct Params {
-    rows: u32,
-    vocab: u32,
-    targets_offset: u32,
-    out_offset: u32,
-    ignore: u32,
-    groups_x: u32,
-    split: u32,
-    split_len: u32,
-    // Element index of row 0's first base logit within the base binding, and the row stride.
-    a_offset: u32,
-    a_stride: u32,
-    // The same for the test logits.
-    b_offset: u32,
-    b_stride: u32,
-}
+// `Params`, the uniform every kernel of the family reads, is in online_softmax.wgsl.
 
 // The host's `kld::KldRow` (32 bytes).
 struct KldRow {

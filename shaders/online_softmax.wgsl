@@ -1,12 +1,40 @@
 // The online-softmax pieces every kernel of the family shares: NaN / +inf detection, 16-bit
 // unpacking, the online (max, sum of exp(x - max)) and the first-index argmax. Pure functions of
-// values — no bindings, no override constants (a kernel passes its dtype in) — so that one file
-// serves a kernel with one input (forward.wgsl) and a kernel with two inputs of different types
-// (kld.wgsl).
+// values — no bindings, no override constants (a kernel passes its dtype in) — and the one
+// uniform layout, so that one file serves a kernel with one input (forward.wgsl) and a kernel
+// with two inputs of different types (kld.wgsl).
 //
 // A kernel module is this file, then the kernel's own file, then one reduction:
 // reduce_workgroup.wgsl, or the kernel's `*_subgroup.wgsl` followed by reduce_subgroup.wgsl.
 // The host concatenates real WGSL files; nothing is templated.
+
+// The uniform every kernel of the family reads (the host's `gpu::Params`), one layout for all:
+// a kernel with one input uses side a only.
+struct Params {
+    // Rows in this dispatch.
+    rows: u32,
+    // Logits per row.
+    vocab: u32,
+    // Index of row 0's target within the targets binding.
+    targets_offset: u32,
+    // Index of row 0's result within the output binding.
+    out_offset: u32,
+    // Target value meaning "ignore this row" (0xffffffff when none).
+    ignore: u32,
+    // Workgroups along x in this dispatch (more than 65535 use y).
+    groups_x: u32,
+    // Parts per row (1: no split).
+    split: u32,
+    // Logits per part (a multiple of 8).
+    split_len: u32,
+    // Element index of row 0's first logit of side a (the base) within its binding, and the
+    // elements between the starts of consecutive rows.
+    a_offset: u32,
+    a_stride: u32,
+    // The same for side b (the test model's logits).
+    b_offset: u32,
+    b_stride: u32,
+}
 
 // Element types, as the host passes them in a kernel's dtype override constants.
 const DT_F32: u32 = 0u;
