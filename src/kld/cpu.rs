@@ -2,7 +2,7 @@
 //! Same outputs and semantics as the GPU kernel ([`KldRow`]); merges and finishing are
 //! [`super::math`]'s.
 //!
-//! A run of a row pair (at most [`PART`] logits of each side, so that both stay in L2) is scanned
+//! A run of a row pair (at most `PART` = 32k logits of each side, so that both stay in L2) is scanned
 //! twice: pass 1 finds both maxima, their first indices and any NaN / `+inf`; pass 2, from cache,
 //! sums `exp(a − m_a)`, `exp(b − m_b)`, `w·g(e)` and `w·expm1(−e)` with the centre `c` fixed to
 //! `a − b` at the base's argmax — so no rescaling or re-centring happens inside a run, and the loop

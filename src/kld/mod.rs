@@ -23,7 +23,8 @@
 //! own online `(m_b, S_b)` for `nll_test` and as a cross-check of `Y`.
 //!
 //! Module map: [`math`] (the per-element state, shared by the CPU path and mirrored by the WGSL
-//! kernel), [`reference`] (the f64 oracle), [`cpu`] (the fast path).
+//! kernel), [`mod@reference`] (the f64 oracle), [`cpu`] (the fast path), [`summary`] (llama.cpp's
+//! statistics, mergeable), [`eval`] (files and llama.cpp base files).
 
 pub mod cpu;
 pub mod eval;
