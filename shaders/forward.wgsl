@@ -161,30 +161,4 @@ fn scan_unit(g: u32, slot: u32, lane: u32, lanes: u32) -> State {
     return st;
 }
 
-// Stores a finished unit: the row's result, or a partial state for `combine`.
-fn emit(g: u32, slot: u32, st: State) {
-    let unit = g * ROWS_PER_WG + slot;
-    let row = unit / params.split;
-    if row >= params.rows {
-        return;
-    }
-    if params.split == 1u {
-        finish(row, st);
-    } else {
-        partials[unit] = st;
-    }
-}
-
-// Second pass for split rows: one invocation per row merges its parts and writes the result.
-@compute @workgroup_size(64)
-fn combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let row = gid.x + gid.y * groups.x * 64u;
-    if row >= params.rows {
-        return;
-    }
-    var st = partials[row * params.split];
-    for (var p = 1u; p < params.split; p++) {
-        st = merge(st, partials[row * params.split + p]);
-    }
-    finish(row, st);
-}
+// `emit` and the `combine` entry point follow in split_rows.wgsl.

@@ -4,8 +4,8 @@
 // uniform layout, so that one file serves a kernel with one input (forward.wgsl) and a kernel
 // with two inputs of different types (kld.wgsl).
 //
-// A kernel module is this file, then the kernel's own file, then one reduction:
-// reduce_workgroup.wgsl, or the kernel's `*_subgroup.wgsl` followed by reduce_subgroup.wgsl.
+// A kernel module is this file, then the kernel's own file, then split_rows.wgsl, then one
+// reduction: reduce_workgroup.wgsl, or the kernel's `*_subgroup.wgsl` followed by reduce_subgroup.wgsl.
 // The host concatenates real WGSL files; nothing is templated.
 
 // The uniform every kernel of the family reads (the host's `gpu::Params`), one layout for all:

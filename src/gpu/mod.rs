@@ -39,6 +39,8 @@ enum Shader {
     Kld,
     /// The KLD state combined over a subgroup.
     KldSubgroup,
+    /// `emit` and the `combine` pass for split rows (any kernel, after its own file).
+    SplitRows,
     /// Reduction through workgroup memory (any kernel).
     ReduceWorkgroup,
     /// Reduction through subgroup operations (any kernel, after its `*Subgroup` part).
@@ -53,6 +55,7 @@ impl Shader {
             Shader::ForwardSubgroup => include_str!("../../shaders/forward_subgroup.wgsl"),
             Shader::Kld => include_str!("../../shaders/kld.wgsl"),
             Shader::KldSubgroup => include_str!("../../shaders/kld_subgroup.wgsl"),
+            Shader::SplitRows => include_str!("../../shaders/split_rows.wgsl"),
             Shader::ReduceWorkgroup => include_str!("../../shaders/reduce_workgroup.wgsl"),
             Shader::ReduceSubgroup => include_str!("../../shaders/reduce_subgroup.wgsl"),
         }
@@ -77,8 +80,8 @@ impl Kernel {
         };
         match reduction {
             // The subgroup part is left out: it does not compile without Features::SUBGROUP.
-            Reduction::Workgroup => vec![Shader::OnlineSoftmax, own, Shader::ReduceWorkgroup],
-            Reduction::Subgroup => vec![Shader::OnlineSoftmax, own, sub, Shader::ReduceSubgroup],
+            Reduction::Workgroup => vec![Shader::OnlineSoftmax, own, Shader::SplitRows, Shader::ReduceWorkgroup],
+            Reduction::Subgroup => vec![Shader::OnlineSoftmax, own, Shader::SplitRows, sub, Shader::ReduceSubgroup],
         }
     }
 
