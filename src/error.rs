@@ -63,6 +63,11 @@ pub enum Error {
     /// A summary file (JSON) that cannot be read back: not JSON, another kind, a missing or inconsistent field.
     #[error("not a valid summary: {0}")]
     Summary(String),
+    /// An engine's tensor (`xent::burn`, `xent::candle`) that cannot be read as it is — on a device
+    /// the integration does not read, or not contiguous — or a call into the engine that failed.
+    /// The message names the tensor and says what to do.
+    #[error("engine: {0}")]
+    Engine(String),
 }
 
 /// `Result` with [`Error`].

@@ -32,6 +32,8 @@
 //! - [`eval::evaluate`]: shards of `.npy` / `.safetensors` files read in bounded memory, with
 //!   `shift`, per-token and per-sequence results.
 //! - [`cpu::score`]: the fast multi-threaded CPU path; [`reference::score`]: the f64 oracle.
+//! - `candle::cross_entropy` (feature `candle`): the fast CPU path on candle's CPU tensors,
+//!   read in place, and a candle `CustomOp2` that puts it in a candle graph.
 //! - [`Summary`]: exact, mergeable sums giving mean nll, perplexity ± standard error, bits per
 //!   token, accuracy.
 //! - KL divergence of a test model from a base ([`kld`]): [`GpuContext::kld`] (host slices),
@@ -62,6 +64,10 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+#[cfg(feature = "burn")]
+pub mod burn;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod cpu;
 mod error;
 pub mod eval;
