@@ -46,7 +46,8 @@
 //! Logits: `[N, V]` or `[B, T, V]` float tensors in f32, f16 or bf16, contiguous (a transposed
 //! or sliced view gets an error asking for a contiguous tensor; burn copies one when an op
 //! needs it). Targets: an `Int` tensor of shape `[N]` / `[B, T]` in any integer dtype (i32 and
-//! u32 are read in place; other widths are cast to i32 on the device first). Autodiff tensors
+//! u32 are read in place; other widths are cast to i32 on the device first, so an i64 target
+//! beyond the i32 range wraps instead of being reported). Autodiff tensors
 //! are refused (the loss has no backward here): pass `tensor.clone().inner()` or `.detach()`.
 //!
 //! burn 0.22 wraps its wgpu backend in its fusion layer by default (burn's `fusion` feature, which
@@ -84,8 +85,8 @@ fn keep(device: &WgpuDevice, setup: &WgpuSetup) {
 
 /// A burn device on the default wgpu adapter, set up so that xent can run on it.
 ///
-/// Same as [`init`] with `WgpuDevice::default()`; `WGPU_BACKEND`-style selection is burn's own
-/// (`CUBECL_WGPU_DEFAULT_DEVICE`). Calling it again returns the same device.
+/// Same as [`init`] with `WgpuDevice::default()` (cubecl's `CUBECL_WGPU_DEFAULT_DEVICE` picks the
+/// adapter when set). Calling it again returns the same device.
 ///
 /// # Errors
 /// [`Error::Engine`] when burn already set the default device up (a tensor was created on it
@@ -313,6 +314,10 @@ fn records<const D: usize, const E: usize>(
         return Err(Error::Engine("logits and targets are on different devices".into()));
     }
     let ctx = context(&device)?;
+    let options = ::burn::tensor::TensorCreationOptions::new(device).with_dtype(DType::F32);
+    if rows == 0 {
+        return Ok(Tensor::<2>::zeros([0, 4], options));
+    }
 
     // Targets as 32-bit words: i32/u32 read as they are (the ignore index compared bit for bit),
     // anything else cast on the device first.
@@ -320,8 +325,7 @@ fn records<const D: usize, const E: usize>(
         DType::I32 | DType::U32 => (targets.clone(), ignore_word(opts.ignore_index)),
         _ => (targets.clone().cast(DType::I32), ignore_word(opts.ignore_index)),
     };
-    let output =
-        Tensor::<2>::empty([rows, 4], ::burn::tensor::TensorCreationOptions::new(device).with_dtype(DType::F32));
+    let output = Tensor::<2>::empty([rows, 4], options);
 
     // Step 1: resolve burn's lazy tensors (runs what produces them) down to their storage, and
     // send everything cubecl recorded so far to the queue before our work.

@@ -234,6 +234,11 @@ fn bad_inputs_are_clear_errors() {
     let nll: Vec<f32> = xent::burn::cross_entropy(&logits, &bad).unwrap().into_data().try_to_vec::<f32>().unwrap();
     assert!(nll[2].is_nan() && nll[0].is_finite());
 
+    // An empty batch is an empty result.
+    let empty = Tensor::<2>::zeros([0, vocab], device);
+    let nll = xent::burn::cross_entropy(&empty, &targets_tensor(&[], [0], device)).unwrap();
+    assert_eq!(nll.dims(), [0]);
+
     // A wgpu device xent was not told about (burn's default, set up by burn itself).
     let foreign = Device::default();
     let (logits, _) = logits_tensor(&x, [rows, vocab], Dtype::F32, &foreign);
