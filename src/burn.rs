@@ -432,14 +432,7 @@ impl Storage {
 /// [`Error::Engine`] for a tensor not on burn's wgpu backend, an autodiff tensor, or a
 /// non-contiguous one.
 pub fn storage<const D: usize>(tensor: &Tensor<D>) -> Result<Storage> {
-    let (dtype, shape) = (tensor.dtype(), tensor.dims().to_vec());
-    let cube = resolve_float(tensor.clone())?;
-    if !cube.is_contiguous() {
-        return Err(Error::Engine("tensor is not contiguous (a transposed or strided view)".into()));
-    }
-    let resource = resource(&cube)?;
-    cube.client.flush().map_err(|e| Error::Engine(format!("burn's queued work failed: {e}")))?;
-    Ok(Storage { resource, dtype, shape })
+    storage_of(resolve_float(tensor.clone())?, tensor.dtype(), tensor.dims().to_vec())
 }
 
 /// [`storage`] for an `Int` tensor.
@@ -447,8 +440,10 @@ pub fn storage<const D: usize>(tensor: &Tensor<D>) -> Result<Storage> {
 /// # Errors
 /// As [`storage`].
 pub fn int_storage<const D: usize>(tensor: &Tensor<D, Int>) -> Result<Storage> {
-    let (dtype, shape) = (tensor.dtype(), tensor.dims().to_vec());
-    let cube = resolve_int(tensor.clone())?;
+    storage_of(resolve_int(tensor.clone())?, tensor.dtype(), tensor.dims().to_vec())
+}
+
+fn storage_of(cube: CubeTensor, dtype: DType, shape: Vec<usize>) -> Result<Storage> {
     if !cube.is_contiguous() {
         return Err(Error::Engine("tensor is not contiguous (a transposed or strided view)".into()));
     }
