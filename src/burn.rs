@@ -43,6 +43,10 @@
 //!    dispatch.) The queue orders this after burn's work and before anything burn records later.
 //! 3. The nll column is returned as a burn tensor; nothing is read back.
 //!
+//! burn keeps one stream of work per thread; the flush above is the calling thread's. Tensors made
+//! on another thread are resolved through burn (which runs their work), but call xent from the
+//! thread that made them when you can: that is the path the tests check.
+//!
 //! Logits: `[N, V]` or `[B, T, V]` float tensors in f32, f16 or bf16, contiguous (a transposed
 //! or sliced view gets an error asking for a contiguous tensor; burn copies one when an op
 //! needs it). Targets: an `Int` tensor of shape `[N]` / `[B, T]` in any integer dtype (i32 and
