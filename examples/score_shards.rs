@@ -38,11 +38,11 @@ fn main() -> Result<()> {
     let opts = EvalOptions::default();
 
     // One run over every shard.
-    let all = evaluate(engine, &shards, &opts, &mut |_, _| {})?.summary;
+    let all = evaluate(engine, &shards, &opts, &mut |_, _| Ok(()))?.summary;
     // Each shard alone, merged afterwards.
     let mut merged = Summary::default();
     for shard in shards.chunks(1) {
-        merged.merge(&evaluate(engine, shard, &opts, &mut |_, _| {})?.summary);
+        merged.merge(&evaluate(engine, shard, &opts, &mut |_, _| Ok(()))?.summary);
     }
 
     println!("shards in {} scored on the {}", dir.display(), if gpu.is_some() { "GPU" } else { "CPU" });

@@ -68,6 +68,12 @@ pub enum Error {
     /// The message names the tensor and says what to do.
     #[error("engine: {0}")]
     Engine(String),
+    /// An argument with a value it cannot take (a device name that is none of auto, gpu, cpu).
+    #[error("{0}")]
+    Argument(String),
+    /// The caller's progress callback asked to stop (Ctrl-C in the Python package).
+    #[error("interrupted")]
+    Interrupted,
 }
 
 /// `Result` with [`Error`].

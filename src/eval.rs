@@ -158,7 +158,8 @@ struct Prepared {
     sequence: Vec<u32>,
 }
 
-/// Scores every shard; `progress(rows, bytes)` is called after each chunk.
+/// Scores every shard; `progress(rows, bytes)` is called after each chunk;
+/// an error it returns (such as [`Error::Interrupted`]) stops the work and is returned.
 ///
 /// # Errors
 /// As [`check_shards`]; a target out of range (naming the targets file and row); bad offsets;
@@ -167,7 +168,7 @@ pub fn evaluate(
     engine: Engine<'_>,
     shards: &[Shard],
     opts: &EvalOptions,
-    progress: &mut dyn FnMut(u64, u64),
+    progress: &mut dyn FnMut(u64, u64) -> Result<()>,
 ) -> Result<EvalResult> {
     let layout = check_shards(shards)?;
     let chunk_bytes = if opts.chunk_bytes == 0 { 64 << 20 } else { opts.chunk_bytes };
@@ -184,7 +185,7 @@ fn evaluate_in_scope(
     engine: Engine<'_>,
     shards: &[Shard],
     opts: &EvalOptions,
-    progress: &mut dyn FnMut(u64, u64),
+    progress: &mut dyn FnMut(u64, u64) -> Result<()>,
     layout: Layout,
     chunk_bytes: u64,
 ) -> Result<EvalResult> {
@@ -272,7 +273,7 @@ fn evaluate_in_scope(
                 let _ = empty_tx.send(buf);
                 fold(&mut out, &done)?;
                 out.bytes += (n * row_bytes) as u64;
-                progress(n as u64, (n * row_bytes) as u64);
+                progress(n as u64, (n * row_bytes) as u64)?;
             }
             Ok(())
         })?,
@@ -286,7 +287,7 @@ fn evaluate_in_scope(
                     let done = score_chunk_cpu(&s.logits, &layout, r0, n, &prepared[si].targets[r0..r0 + n])?;
                     fold(&mut out, &done)?;
                     out.bytes += (n * row_bytes) as u64;
-                    progress(n as u64, (n * row_bytes) as u64);
+                    progress(n as u64, (n * row_bytes) as u64)?;
                 }
                 s.logits.check_unchanged()?;
             }

@@ -3,7 +3,7 @@
 //! Every check that depends on the file happens here, so that a bad file gives one clear error
 //! naming the file, the tensor and what is wrong, and never a panic or an absurd allocation.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::problem::{Dtype, Logits, Targets};
@@ -241,6 +241,62 @@ impl Tensor {
             other => return Err(self.err(format!("targets must be i64, i32 or u32, found {other}"))),
         })
     }
+}
+
+/// Paths, globs and directories to a sorted, non-empty list of files, as every command that reads
+/// shards takes them: a directory gives its `.npy` and `.safetensors` files sorted by name, a glob
+/// (`shards/*.npy`) its matches sorted, a plain path itself.
+///
+/// # Errors
+/// [`Error::Io`] for a directory that cannot be listed; [`Error::File`] for a directory holding no
+/// input files, a bad glob or one matching nothing, or no paths at all.
+pub fn expand(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for arg in args {
+        let text = arg.to_string_lossy();
+        let file_err = |reason: &str| Error::File { path: text.to_string(), reason: reason.into() };
+        if arg.is_dir() {
+            let entries = std::fs::read_dir(arg).map_err(|error| Error::Io { path: text.to_string(), error })?;
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "npy" || e == "safetensors"))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                return Err(file_err("directory holds no .npy or .safetensors files"));
+            }
+            out.extend(files);
+        } else if text.contains(['*', '?', '[']) {
+            let matches = glob::glob(&text).map_err(|e| file_err(&format!("bad pattern: {e}")))?;
+            let mut files: Vec<PathBuf> = matches.filter_map(|p| p.ok()).collect();
+            files.sort();
+            if files.is_empty() {
+                return Err(file_err("pattern matches no files"));
+            }
+            out.extend(files);
+        } else {
+            out.push(arg.clone());
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::File { path: "(none)".into(), reason: "no files given".into() });
+    }
+    Ok(out)
+}
+
+/// Reads sequence boundaries `[0, ..., N]` (rank-1 integers, `.npy` or `.safetensors`), as
+/// `xent score --offsets` takes them.
+///
+/// # Errors
+/// As [`open`]; [`Error::File`] for another rank, a float dtype or a negative offset.
+pub fn read_offsets(path: &Path) -> Result<Vec<u64>> {
+    let t = open(path, None, &["offsets"])?;
+    let bad = |reason: String| Error::File { path: t.name.clone(), reason };
+    if t.shape.len() != 1 {
+        return Err(bad(format!("offsets must have rank 1 [S+1], found shape {:?}", t.shape)));
+    }
+    let v = t.targets().map_err(|_| bad("offsets must be i64, i32 or u32".into()))?;
+    (0..v.len()).map(|i| u64::try_from(v.get(i)).map_err(|_| bad(format!("offset {i} is negative")))).collect()
 }
 
 /// Opens a tensor by extension: `.npy`, or `.safetensors` with an optional tensor name.

@@ -69,6 +69,7 @@ pub mod burn;
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod cpu;
+pub mod device;
 mod error;
 pub mod eval;
 mod gpu;

@@ -3,6 +3,7 @@
 //! (Per-row values themselves are bit-identical across runs on the same kind of machine: same
 //! device, or same CPU instruction set and thread count.)
 
+use crate::error::{Error, Result};
 use crate::problem::RowLoss;
 
 /// Fixed-point scale of the exact sums: values are stored as integers in units of 2^-64.
@@ -120,5 +121,97 @@ impl Summary {
     /// Fraction of scored rows whose argmax equals the target.
     pub fn accuracy(&self) -> f64 {
         self.correct as f64 / self.tokens as f64
+    }
+
+    /// The summary as the one JSON object `xent score --json` prints and `--summary-out` writes:
+    /// the CLI contract's fields (`tokens`, `ignored`, `mean_nll`, `bits_per_token`, `perplexity`,
+    /// `ppl_stderr`, `accuracy`, `device`, `seconds`), then the counts and exact sums (as decimal
+    /// strings: JSON numbers cannot hold an i128) that make it mergeable. NaN and ±inf are `null`.
+    pub fn to_json(&self, device: &str, seconds: f64) -> String {
+        format!(
+            "{{\"tokens\":{},\"ignored\":{},\"mean_nll\":{},\"bits_per_token\":{},\"perplexity\":{},\"ppl_stderr\":{},\"accuracy\":{},\"device\":{},\"seconds\":{},\"correct\":{},\"nan\":{},\"infinite\":{},\"sum_nll_fixed\":\"{}\",\"sum_nll_sq_fixed\":\"{}\"}}",
+            self.tokens,
+            self.ignored,
+            num(self.mean_nll()),
+            num(self.bits_per_token()),
+            num(self.perplexity()),
+            num(self.perplexity_stderr()),
+            num(self.accuracy()),
+            serde_json::Value::from(device),
+            num(seconds),
+            self.correct,
+            self.nan,
+            self.infinite,
+            self.sum_nll_fixed,
+            self.sum_nll_sq_fixed
+        )
+    }
+
+    /// Reads back what [`Summary::to_json`] wrote (an `xent score --summary-out` file): the summary,
+    /// and the `device` and `seconds` it names (`""` and 0 when absent).
+    ///
+    /// # Errors
+    /// [`Error::Summary`] when the text is not JSON, is another kind of summary (a `kld` one), or
+    /// lacks a count or an exact sum.
+    pub fn from_json(text: &str) -> Result<(Summary, String, f64)> {
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Summary(format!("not JSON: {e}")))?;
+        if !v.is_object() {
+            return Err(Error::Summary("not a JSON object".into()));
+        }
+        if let Some(kind) = v.get("kind").filter(|k| k.as_str() != Some("score")) {
+            return Err(Error::Summary(format!("not a score summary (kind {kind})")));
+        }
+        let count = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .ok_or_else(|| Error::Summary(format!("no count '{k}' (write one with xent score --summary-out)")))
+        };
+        let exact = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_str)
+                .and_then(|s| s.parse::<i128>().ok())
+                .ok_or_else(|| Error::Summary(format!("no exact sum '{k}' (write one with xent score --summary-out)")))
+        };
+        let summary = Summary {
+            tokens: count("tokens")?,
+            ignored: count("ignored")?,
+            correct: count("correct")?,
+            nan: count("nan")?,
+            infinite: count("infinite")?,
+            sum_nll_fixed: exact("sum_nll_fixed")?,
+            sum_nll_sq_fixed: exact("sum_nll_sq_fixed")?,
+        };
+        if summary.correct > summary.tokens || summary.nan + summary.infinite > summary.tokens {
+            return Err(Error::Summary("counts disagree (correct, nan or infinite above tokens)".into()));
+        }
+        let device = v.get("device").and_then(serde_json::Value::as_str).unwrap_or("").to_string();
+        let seconds = v.get("seconds").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+        Ok((summary, device, seconds))
+    }
+
+    /// The human text `xent score`, `xent merge` and `xent demo` print, ending in a newline.
+    pub fn human(&self, device: &str, seconds: f64) -> String {
+        format!(
+            "xent: {} tokens scored, {} ignored, on the {device} in {seconds:.3} s\n  \
+             mean nll      {:.6} nats ({:.6} bits/token)\n  \
+             perplexity    {:.4} ± {:.4}\n  \
+             accuracy      {:.4}\n",
+            self.tokens,
+            self.ignored,
+            self.mean_nll(),
+            self.bits_per_token(),
+            self.perplexity(),
+            self.perplexity_stderr(),
+            self.accuracy()
+        )
+    }
+}
+
+/// A JSON number, or `null` where JSON has none (NaN, ±inf).
+fn num(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x}")
+    } else {
+        "null".into()
     }
 }

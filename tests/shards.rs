@@ -328,7 +328,7 @@ fn hostile_shards_are_refused() {
     let fake = d.join("fake.json");
     std::fs::write(&fake, "{\"tokens\": 3}").unwrap();
     let e = err_line(&xent(&["merge", s(&fake)]));
-    assert!(e.contains("fake.json") && e.contains("not an xent summary"), "{e}");
+    assert!(e.contains("fake.json") && e.contains("not a valid summary"), "{e}");
 }
 
 /// A file that changes or shrinks after it was opened is an error when read, never a crash or a
@@ -346,7 +346,7 @@ fn files_changed_while_read_are_errors() {
     std::io::Write::write_all(&mut f, b"more").unwrap();
     drop(f);
     let opts = xent::eval::EvalOptions { options: Options::default(), ..Default::default() };
-    let e = xent::eval::evaluate(xent::eval::Engine::Cpu, &shards, &opts, &mut |_, _| {}).unwrap_err();
+    let e = xent::eval::evaluate(xent::eval::Engine::Cpu, &shards, &opts, &mut |_, _| Ok(())).unwrap_err();
     assert!(e.to_string().contains("changed while being read"), "{e}");
     // Truncation after opening: refused as well.
     let (l, t) = shard(&d, 1, 16, 64, Dtype::F32);
@@ -371,7 +371,7 @@ fn cpu_reading_paths_match_the_reference() {
                 targets: xent::io::open(&t, None, &["targets"]).unwrap(),
             }];
             let opts = xent::eval::EvalOptions { per_token: true, per_token_extra: true, ..Default::default() };
-            let got = xent::eval::evaluate(xent::eval::Engine::Cpu, &shards, &opts, &mut |_, _| {}).unwrap();
+            let got = xent::eval::evaluate(xent::eval::Engine::Cpu, &shards, &opts, &mut |_, _| Ok(())).unwrap();
             let logits = shards[0].logits.logits().unwrap();
             let want =
                 xent::reference::score(logits, shards[0].targets.targets().unwrap(), &Options::default()).unwrap();

@@ -5,8 +5,6 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use xent::{Dtype, GpuContext, Logits, Options, RowLoss, Summary, Targets};
 
-use super::human_summary;
-
 /// Flags of `xent demo`.
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -60,7 +58,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     };
     let mut summary = Summary::default();
     reference.iter().for_each(|r| summary.add(r.nll, r.ignored, r.correct));
-    print!("{}", human_summary(&summary, "cpu reference", ref_s));
+    print!("{}", summary.human("cpu reference", ref_s));
     println!("  {:<34} {:>10} {:>10} {:>16}", "path", "ms", "GB/s", "max |err| (nats)");
     let gb = x.len() as f64 * 4.0 / 1e9;
     let report = |name: &str, secs: f64, rows: &[RowLoss]| {

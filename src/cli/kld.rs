@@ -68,7 +68,7 @@ pub struct KldArgs {
 }
 
 /// A comparison run given a progress callback.
-type Compare<'a> = dyn FnMut(&mut dyn FnMut(u64, u64)) -> xent::Result<KldEvalResult> + 'a;
+type Compare<'a> = dyn FnMut(&mut dyn FnMut(u64, u64) -> xent::Result<()>) -> xent::Result<KldEvalResult> + 'a;
 
 /// Runs `xent kld`.
 ///
@@ -144,6 +144,7 @@ pub fn run(a: &KldArgs) -> Result<()> {
             rows_done += rows;
             bar.inc(bytes);
             bar.set_message(format!("{:.0} tokens/s", rows_done as f64 / bar.elapsed().as_secs_f64().max(1e-9)));
+            Ok(())
         };
         let r = f(&mut progress);
         bar.finish_and_clear();

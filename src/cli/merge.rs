@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 use xent::Summary;
 
-use super::{human_summary, json_summary, output_kind, Kind};
+use super::{output_kind, Kind};
 
 /// Flags of `xent merge`.
 #[derive(clap::Args)]
@@ -51,38 +51,12 @@ pub fn run(a: &MergeArgs) -> Result<()> {
     }
     let mut total = Summary::default();
     let mut seconds = 0.0;
-    for path in &a.summaries {
-        let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| anyhow!("{}: not JSON: {e}", path.display()))?;
-        let count = |k: &str| {
-            v.get(k).and_then(serde_json::Value::as_u64).ok_or_else(|| {
-                anyhow!("{}: not an xent summary (no count '{k}'; write one with score --summary-out)", path.display())
-            })
-        };
-        let exact = |k: &str| {
-            v.get(k).and_then(serde_json::Value::as_str).and_then(|s| s.parse::<i128>().ok()).ok_or_else(|| {
-                anyhow!(
-                    "{}: not an xent summary (no exact sum '{k}'; write one with score --summary-out)",
-                    path.display()
-                )
-            })
-        };
-        if v.get("kind").is_some_and(|k| k != "score") {
-            bail!("{}: not a score summary (kind {})", path.display(), v["kind"]);
-        }
-        total.merge(&Summary {
-            tokens: count("tokens")?,
-            ignored: count("ignored")?,
-            correct: count("correct")?,
-            nan: count("nan")?,
-            infinite: count("infinite")?,
-            sum_nll_fixed: exact("sum_nll_fixed")?,
-            sum_nll_sq_fixed: exact("sum_nll_sq_fixed")?,
-        });
-        seconds += v.get("seconds").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    for (path, (_, text)) in a.summaries.iter().zip(&kinds) {
+        let (summary, _, secs) = Summary::from_json(text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        total.merge(&summary);
+        seconds += secs;
     }
-    let json = json_summary(&total, "merged", seconds);
+    let json = total.to_json("merged", seconds);
     if let Some(path) = &a.summary_out {
         if output_kind(path)? != Kind::Json {
             bail!("{}: --summary-out writes .json", path.display());
@@ -92,7 +66,7 @@ pub fn run(a: &MergeArgs) -> Result<()> {
     if a.json {
         println!("{json}");
     } else {
-        print!("{}", human_summary(&total, "merged summaries", seconds));
+        print!("{}", total.human("merged summaries", seconds));
     }
     Ok(())
 }

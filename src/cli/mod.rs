@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::ValueEnum;
-use xent::{Dtype, GpuContext, Summary};
+use xent::{Dtype, GpuContext};
 
 /// `--device` of the commands that score: where to run.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -42,45 +42,22 @@ impl From<DtypeArg> for Dtype {
     }
 }
 
-/// The GPU context, or `None` for the CPU, as `--device` asks (`auto` as [`auto_device`] decides).
+/// The GPU context, or `None` for the CPU, as `--device` asks ([`xent::device::pick`]).
 ///
 /// # Errors
 /// `--device gpu` with no adapter, or a device that cannot be created.
 pub(crate) fn pick_device(device: DeviceArg) -> Result<Option<GpuContext>> {
-    match device {
-        DeviceArg::Cpu => Ok(None),
-        DeviceArg::Gpu => Ok(Some(GpuContext::new().context("--device gpu")?)),
-        DeviceArg::Auto => Ok(auto_device()),
-    }
+    let choice = match device {
+        DeviceArg::Auto => xent::device::DeviceChoice::Auto,
+        DeviceArg::Gpu => xent::device::DeviceChoice::Gpu,
+        DeviceArg::Cpu => xent::device::DeviceChoice::Cpu,
+    };
+    xent::device::pick(choice).context("--device gpu")
 }
 
-/// What `--device auto` runs on, said on stderr with the reason: the GPU when a hardware adapter
-/// exists, else the CPU. A software adapter (lavapipe, llvmpipe, SwiftShader: `DeviceType::Cpu`)
-/// is passed over, because it runs the kernels on the same cores far slower than the CPU path
-/// (2048 x 128256 f32: 1.13 s on lavapipe, 0.09 s on the CPU path); `--device gpu` still uses it.
-/// Every command with `--device auto` decides through this one function.
+/// What `--device auto` runs on ([`xent::device::auto`]).
 pub(crate) fn auto_device() -> Option<GpuContext> {
-    match GpuContext::new() {
-        Ok(ctx) if ctx.adapter_info().device_type == wgpu::DeviceType::Cpu => {
-            // The adapter is the high-performance pick, which ranks software renderers last: when
-            // it is one, no hardware adapter exists (unless WGPU_ADAPTER_NAME chose it).
-            let which = if std::env::var_os("WGPU_ADAPTER_NAME").is_some() { "named" } else { "only" };
-            eprintln!(
-                "xent: device auto: using the CPU (the {which} GPU adapter, {}, is a software renderer; \
-                 --device gpu uses it anyway)",
-                ctx.adapter_info().name
-            );
-            None
-        }
-        Ok(ctx) => {
-            eprintln!("xent: device auto: using the GPU ({})", ctx.adapter_info().name);
-            Some(ctx)
-        }
-        Err(e) => {
-            eprintln!("xent: device auto: {e}; using the CPU");
-            None
-        }
-    }
+    xent::device::auto()
 }
 
 /// Fails unless the output `p` given to `flag` has one of the `allowed` formats: checked before any
@@ -132,41 +109,12 @@ pub(crate) fn output_kind(p: &Path) -> Result<Kind> {
     }
 }
 
-/// Paths, globs and directories to a sorted, non-empty list of files.
+/// Paths, globs and directories to a sorted, non-empty list of files ([`xent::io::expand`]).
 ///
 /// # Errors
-/// A directory that cannot be listed or holds no input files, a bad or empty glob, or no files at all.
+/// As [`xent::io::expand`].
 pub(crate) fn expand(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for arg in args {
-        let text = arg.to_string_lossy();
-        if arg.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(arg)
-                .with_context(|| format!("{}: cannot list", arg.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "npy" || e == "safetensors"))
-                .collect();
-            files.sort();
-            if files.is_empty() {
-                bail!("{}: directory holds no .npy or .safetensors files", arg.display());
-            }
-            out.extend(files);
-        } else if text.contains(['*', '?', '[']) {
-            let mut files: Vec<PathBuf> =
-                glob::glob(&text).with_context(|| format!("{text}: bad pattern"))?.filter_map(|p| p.ok()).collect();
-            files.sort();
-            if files.is_empty() {
-                bail!("{text}: pattern matches no files");
-            }
-            out.extend(files);
-        } else {
-            out.push(arg.clone());
-        }
-    }
-    if out.is_empty() {
-        bail!("no files given");
-    }
-    Ok(out)
+    Ok(xent::io::expand(args)?)
 }
 
 /// A byte-counting progress bar on stderr, or a hidden one when not `visible`.
@@ -218,23 +166,6 @@ pub(crate) fn stage_safetensors(
     Ok(xent::io::stage(path, &bytes)?)
 }
 
-/// The summary as the human text `score`, `merge` and `demo` print.
-pub(crate) fn human_summary(s: &Summary, device: &str, seconds: f64) -> String {
-    format!(
-        "xent: {} tokens scored, {} ignored, on the {device} in {seconds:.3} s\n  \
-         mean nll      {:.6} nats ({:.6} bits/token)\n  \
-         perplexity    {:.4} ± {:.4}\n  \
-         accuracy      {:.4}\n",
-        s.tokens,
-        s.ignored,
-        s.mean_nll(),
-        s.bits_per_token(),
-        s.perplexity(),
-        s.perplexity_stderr(),
-        s.accuracy()
-    )
-}
-
 /// JSON number, or null where JSON has none (NaN, ±inf).
 pub(crate) fn num(x: f64) -> String {
     if x.is_finite() {
@@ -242,24 +173,4 @@ pub(crate) fn num(x: f64) -> String {
     } else {
         "null".into()
     }
-}
-
-/// The contract's fields, then the exact sums that make summaries mergeable.
-pub(crate) fn json_summary(s: &Summary, device: &str, seconds: f64) -> String {
-    format!(
-        "{{\"tokens\":{},\"ignored\":{},\"mean_nll\":{},\"bits_per_token\":{},\"perplexity\":{},\"ppl_stderr\":{},\"accuracy\":{},\"device\":\"{device}\",\"seconds\":{},\"correct\":{},\"nan\":{},\"infinite\":{},\"sum_nll_fixed\":\"{}\",\"sum_nll_sq_fixed\":\"{}\"}}",
-        s.tokens,
-        s.ignored,
-        num(s.mean_nll()),
-        num(s.bits_per_token()),
-        num(s.perplexity()),
-        num(s.perplexity_stderr()),
-        num(s.accuracy()),
-        num(seconds),
-        s.correct,
-        s.nan,
-        s.infinite,
-        s.sum_nll_fixed,
-        s.sum_nll_sq_fixed
-    )
 }

@@ -4,12 +4,12 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use xent::Options;
 
 use super::{
-    check_output, distinct_outputs, expand, human_summary, json_summary, num, output_kind, pick_device, progress_bar,
-    stage_safetensors, DeviceArg, Kind,
+    check_output, distinct_outputs, expand, num, output_kind, pick_device, progress_bar, stage_safetensors, DeviceArg,
+    Kind,
 };
 
 /// Flags of `xent score`.
@@ -102,7 +102,7 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
         })
         .collect::<xent::Result<Vec<_>>>()?;
     let layout = xent::eval::check_shards(&shards)?;
-    let offsets = a.offsets.as_deref().map(read_offsets).transpose()?;
+    let offsets = a.offsets.as_deref().map(xent::io::read_offsets).transpose()?;
     if a.per_sequence.is_some() && offsets.is_none() && shards.iter().any(|s| s.logits.shape.len() != 3) {
         bail!("--per-sequence needs [B, T, V] logits (one sequence per row of B) or --offsets");
     }
@@ -126,6 +126,7 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
         bar.inc(bytes);
         let secs = bar.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!("{:.0} tokens/s", rows_done as f64 / secs));
+        Ok(())
     };
     let result = xent::eval::evaluate(engine, &shards, &opts, &mut progress);
     bar.finish_and_clear();
@@ -140,12 +141,12 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
     if let (Some(path), Some(seqs)) = (&a.per_sequence, &result.per_sequence) {
         outputs.push(stage_per_sequence(path, seqs)?);
     }
-    let json = json_summary(&result.summary, device, seconds);
+    let json = result.summary.to_json(device, seconds);
     if let Some(path) = &a.summary_out {
         outputs.push(xent::io::stage(path, format!("{json}\n").as_bytes())?);
     }
     xent::io::commit_all(outputs)?;
-    let text = human_summary(&result.summary, device, seconds);
+    let text = result.summary.human(device, seconds);
     if a.json {
         eprint!("{text}");
         println!("{json}");
@@ -153,15 +154,6 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
         print!("{text}");
     }
     Ok(())
-}
-
-fn read_offsets(path: &Path) -> Result<Vec<u64>> {
-    let t = xent::io::open(path, None, &["offsets"])?;
-    if t.shape.len() != 1 {
-        bail!("{}: offsets must have rank 1 [S+1], found shape {:?}", t.name, t.shape);
-    }
-    let v = t.targets().map_err(|_| anyhow!("{}: offsets must be i64, i32 or u32", t.name))?;
-    (0..v.len()).map(|i| u64::try_from(v.get(i)).map_err(|_| anyhow!("{}: offset {i} is negative", t.name))).collect()
 }
 
 fn stage_per_token(path: &Path, pt: &xent::eval::PerToken) -> Result<xent::io::AtomicWriter> {

@@ -223,7 +223,8 @@ impl Folder<'_> {
     }
 }
 
-/// Compares every shard; `progress(rows, bytes)` is called after each chunk.
+/// Compares every shard; `progress(rows, bytes)` is called after each chunk;
+/// an error it returns (such as [`Error::Interrupted`]) stops the work and is returned.
 ///
 /// # Errors
 /// As [`check_kld_shards`]; a target out of range (naming the targets file and row); a file that
@@ -232,7 +233,7 @@ pub fn evaluate_kld(
     engine: Engine<'_>,
     shards: &[KldShard],
     opts: &KldEvalOptions,
-    progress: &mut dyn FnMut(u64, u64),
+    progress: &mut dyn FnMut(u64, u64) -> Result<()>,
 ) -> Result<KldEvalResult> {
     let layout = check_kld_shards(shards)?;
     let chunk_bytes = if opts.chunk_bytes == 0 { 64 << 20 } else { opts.chunk_bytes } as usize;
@@ -258,7 +259,7 @@ pub fn evaluate_kld(
                     folder.fold(&done, &dropped[r0..r0 + n])?;
                     let bytes = (n * (rba + rbb)) as u64;
                     folder.out.bytes += bytes;
-                    progress(n as u64, bytes);
+                    progress(n as u64, bytes)?;
                 }
                 s.base.check_unchanged()?;
                 s.test.check_unchanged()?;
@@ -335,7 +336,7 @@ mod gpu {
         opts: &KldEvalOptions,
         chunk_bytes: usize,
         folder: &mut Folder<'_>,
-        progress: &mut dyn FnMut(u64, u64),
+        progress: &mut dyn FnMut(u64, u64) -> Result<()>,
     ) -> Result<()> {
         ctx.in_error_scopes(|| run(ctx, shards, layout, opts, chunk_bytes, folder, progress))
     }
@@ -350,7 +351,7 @@ mod gpu {
         opts: &KldEvalOptions,
         chunk_bytes: usize,
         folder: &mut Folder<'_>,
-        progress: &mut dyn FnMut(u64, u64),
+        progress: &mut dyn FnMut(u64, u64) -> Result<()>,
     ) -> Result<()> {
         let (rba, rbb) = (layout.vocab * layout.base_dtype.size(), layout.vocab * layout.test_dtype.size());
         let mut stream =
@@ -421,7 +422,7 @@ mod gpu {
                 fold(folder, done, &mut pending)?;
                 let bytes = (n * (rba + rbb)) as u64;
                 folder.out.bytes += bytes;
-                progress(n as u64, bytes);
+                progress(n as u64, bytes)?;
             }
             Ok(())
         })?;
@@ -453,7 +454,7 @@ pub fn evaluate_llama(
     base: &BaseFile,
     test: &LlamaTest,
     opts: &KldEvalOptions,
-    progress: &mut dyn FnMut(u64, u64),
+    progress: &mut dyn FnMut(u64, u64) -> Result<()>,
 ) -> Result<KldEvalResult> {
     use rayon::prelude::*;
     let (records, vocab, n_ctx) = (base.records(), base.n_vocab(), base.n_ctx());
@@ -549,7 +550,7 @@ pub fn evaluate_llama(
         folder.fold(&rows, &vec![false; n])?;
         let bytes = (n * row_bytes) as u64;
         folder.out.bytes += bytes;
-        progress(n as u64, bytes);
+        progress(n as u64, bytes)?;
     }
     base.check_unchanged()?;
     match test {
