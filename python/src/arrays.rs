@@ -87,13 +87,13 @@ impl View<'_> {
     }
 
     /// The elements as `T` (its size and alignment were checked against `elem` by the caller).
-    pub fn typed<T: bytemuck::Pod>(&self) -> PyResult<&[T]> {
+    pub fn typed<T: bytemuck::Pod>(&self, what: &str) -> PyResult<&[T]> {
         if self.len() == 0 {
             return Ok(&[]);
         }
         if std::mem::size_of::<T>() != self.elem.size() || !self.ptr.cast::<T>().is_aligned() {
             return Err(PyValueError::new_err(format!(
-                "array of {} at address {:#x} is not aligned for its type: pass numpy.require(a, requirements='CA')",
+                "{what}: array of {} at address {:#x} is not aligned for its type: pass numpy.require({what}, requirements='CA') (a copy)",
                 self.elem.name(),
                 self.ptr as usize
             )));

@@ -130,15 +130,15 @@ fn targets_of<'a>(t: &'a View<'_>, logits_shape: &[usize], what: &str) -> PyResu
         )));
     }
     Ok(match t.elem {
-        Elem::Int(8) => TargetsOf::I64(t.typed::<i64>()?),
-        Elem::Int(4) => TargetsOf::I32(t.typed::<i32>()?),
-        Elem::UInt(4) => TargetsOf::U32(t.typed::<u32>()?),
-        Elem::Int(2) => TargetsOf::Owned(t.typed::<i16>()?.iter().map(|&x| i64::from(x)).collect()),
-        Elem::UInt(2) => TargetsOf::Owned(t.typed::<u16>()?.iter().map(|&x| i64::from(x)).collect()),
-        Elem::Int(1) => TargetsOf::Owned(t.typed::<i8>()?.iter().map(|&x| i64::from(x)).collect()),
-        Elem::UInt(1) => TargetsOf::Owned(t.typed::<u8>()?.iter().map(|&x| i64::from(x)).collect()),
+        Elem::Int(8) => TargetsOf::I64(t.typed::<i64>(what)?),
+        Elem::Int(4) => TargetsOf::I32(t.typed::<i32>(what)?),
+        Elem::UInt(4) => TargetsOf::U32(t.typed::<u32>(what)?),
+        Elem::Int(2) => TargetsOf::Owned(t.typed::<i16>(what)?.iter().map(|&x| i64::from(x)).collect()),
+        Elem::UInt(2) => TargetsOf::Owned(t.typed::<u16>(what)?.iter().map(|&x| i64::from(x)).collect()),
+        Elem::Int(1) => TargetsOf::Owned(t.typed::<i8>(what)?.iter().map(|&x| i64::from(x)).collect()),
+        Elem::UInt(1) => TargetsOf::Owned(t.typed::<u8>(what)?.iter().map(|&x| i64::from(x)).collect()),
         Elem::UInt(8) => TargetsOf::Owned(
-            t.typed::<u64>()?
+            t.typed::<u64>(what)?
                 .iter()
                 .enumerate()
                 .map(|(i, &x)| {
@@ -158,7 +158,8 @@ fn targets_of<'a>(t: &'a View<'_>, logits_shape: &[usize], what: &str) -> PyResu
 
 /// Per-row results of :func:`score`, flat over rows (``N = B * T`` for ``[B, T, V]`` logits):
 /// ``nll`` (float32, nats, 0 where ignored), ``lse`` (float32, log-sum-exp of the row),
-/// ``correct`` (bool: argmax == target), ``argmax`` (int64), ``summary`` and ``device``.
+/// ``correct`` (bool: argmax == target), ``argmax`` (int64: first index of the largest logit, -1 for
+/// a row holding NaN or +inf), ``summary`` and ``device``.
 #[pyclass(module = "xent", frozen)]
 struct ScoreResult {
     #[pyo3(get)]
@@ -223,7 +224,8 @@ fn score(
     let nll: Vec<f32> = rows.iter().map(|r| r.nll).collect();
     let lse: Vec<f32> = rows.iter().map(|r| r.lse).collect();
     let correct: Vec<bool> = rows.iter().map(|r| r.correct()).collect();
-    let argmax: Vec<i64> = rows.iter().map(|r| i64::from(r.argmax)).collect();
+    // -1 for a row with no argmax (a NaN or +inf in it), as the kernel's u32::MAX means.
+    let argmax: Vec<i64> = rows.iter().map(|r| if r.argmax == u32::MAX { -1 } else { i64::from(r.argmax) }).collect();
     let device = device_name(&ctx);
     Ok(ScoreResult {
         nll: nll.into_pyarray(py).unbind(),
@@ -438,6 +440,15 @@ fn score_files(
 
 /// Sequence boundaries from an integer array.
 fn offsets_of(o: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
+    if let Ok(list) = o.extract::<Vec<i64>>() {
+        return list
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                u64::try_from(x).map_err(|_| PyValueError::new_err(format!("offsets: offset {i} is negative")))
+            })
+            .collect();
+    }
     let v = view(o, "offsets")?;
     if v.shape.len() != 1 {
         return Err(PyValueError::new_err(format!("offsets: shape {:?}: offsets must have rank 1 [S+1]", v.shape)));

@@ -3,7 +3,7 @@
 
 use pyo3::exceptions::{PyAttributeError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 
 use crate::to_py_err;
 
@@ -254,12 +254,7 @@ impl PyKldSummary {
     /// Reads what ``to_json()`` or ``xent kld --summary-out`` wrote; ``ValueError`` otherwise.
     #[staticmethod]
     fn from_json(text: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let text = text_of(text)?;
-        let inner = xent::kld::summary::KldSummary::from_json(&text).map_err(to_py_err)?;
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        let device = v.get("device").and_then(serde_json::Value::as_str).unwrap_or("").to_string();
-        let seconds = v.get("seconds").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
-        Ok(PyKldSummary { inner, device, seconds })
+        Self::parse(&text_of(text)?)
     }
 
     fn __add__(&self, other: &Bound<'_, PyAny>) -> PyResult<Self> {
@@ -280,11 +275,31 @@ impl PyKldSummary {
         self.__add__(other)
     }
 
-    /// Pickled as its JSON (sums and sketches), which restores it exactly.
+    /// Pickled losslessly: its JSON (sums and sketches) and, while within budget, the per-token
+    /// values behind exact percentiles, so summaries shipped between processes (Ray) merge as
+    /// they would in one.
     fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
         let py = slf.py();
-        let ctor = py.get_type::<PyKldSummary>().getattr("from_json")?;
-        PyTuple::new(py, [ctor, PyTuple::new(py, [slf.get().to_json()])?.into_any()])
+        let s = slf.get();
+        let ctor = py.get_type::<PyKldSummary>().getattr("_from_state")?;
+        let bytes = |v: &[f32]| PyBytes::new(py, &v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+        let (kld, dp) = match s.inner.exact_values() {
+            Some((k, d)) => (bytes(k).into_any(), bytes(d).into_any()),
+            None => (py.None().into_bound(py), py.None().into_bound(py)),
+        };
+        let args = PyTuple::new(py, [PyString::new(py, &s.to_json()).into_any(), kld, dp])?;
+        PyTuple::new(py, [ctor, args.into_any()])
+    }
+
+    /// Undoes ``__reduce__``.
+    #[staticmethod]
+    fn _from_state(text: &str, kld: Option<&[u8]>, dp: Option<&[u8]>) -> PyResult<Self> {
+        let mut s = Self::parse(text)?;
+        if let (Some(k), Some(d)) = (kld, dp) {
+            let floats = |b: &[u8]| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            s.inner = s.inner.with_exact_values(floats(k), floats(d)).map_err(to_py_err)?;
+        }
+        Ok(s)
     }
 
     /// The text ``xent kld`` prints (llama.cpp's layout).
@@ -298,5 +313,15 @@ impl PyKldSummary {
             "KldSummary(tokens={}, kld_mean={:.6}, kld_p99={:.6}, same_top={:.4}, device='{}')",
             s.tokens, s.kld_mean, s.kld_p99, s.same_top, self.device
         )
+    }
+}
+
+impl PyKldSummary {
+    fn parse(text: &str) -> PyResult<Self> {
+        let inner = xent::kld::summary::KldSummary::from_json(text).map_err(to_py_err)?;
+        let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+        let device = v.get("device").and_then(serde_json::Value::as_str).unwrap_or("").to_string();
+        let seconds = v.get("seconds").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+        Ok(PyKldSummary { inner, device, seconds })
     }
 }

@@ -234,6 +234,8 @@ def check_score(res, logits, targets, ignore_index: int = -100, atol: float = AT
             f"argmax: row {np.nonzero(amask)[0][bad[0]]}: got {res.argmax[amask][bad[0]]}, "
             f"want {ref['argmax'][amask][bad[0]]}"
         )
+    # A row holding NaN or +inf (or only -inf) has no argmax: -1, on every device.
+    assert np.all(res.argmax[~amask] == -1), f"argmax of broken rows: {res.argmax[~amask]}, want -1"
     bad = np.nonzero(res.correct != ref["correct"])[0]
     assert bad.size == 0, f"correct: row {bad[0]}: got {res.correct[bad[0]]}, want {ref['correct'][bad[0]]}"
     check_summary(res.summary, res.nll, res.correct, ref["ignored"])

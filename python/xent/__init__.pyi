@@ -70,7 +70,7 @@ class ScoreResult:
     nll: npt.NDArray[np.float32]
     lse: npt.NDArray[np.float32]
     correct: npt.NDArray[np.bool_]
-    argmax: npt.NDArray[np.int64]
+    argmax: npt.NDArray[np.int64]  # -1 for a row holding NaN or +inf
     summary: Summary
     device: str
 

@@ -549,6 +549,39 @@ impl KldSummary {
     const SUM_NAMES: [&'static str; 10] =
         ["kld", "kld2", "nll_base", "nll_base2", "nll_test", "nll_test2", "nll_test_nll_base", "dp", "dp2", "dp4"];
 
+    /// The per-token values kept for exact percentiles — `(kld, dp)`, in no particular order —
+    /// while the summary is within its budget; `None` once it relies on the sketches alone. The
+    /// JSON form leaves them out (it would grow with the tokens); a lossless copy (Python's
+    /// pickle) carries them beside it and restores them with [`KldSummary::with_exact_values`].
+    pub fn exact_values(&self) -> Option<(&[f32], &[f32])> {
+        self.exact.as_ref().map(|e| (&e.kld[..], &e.dp[..]))
+    }
+
+    /// This summary with its exact per-token values restored (see [`KldSummary::exact_values`]).
+    ///
+    /// # Errors
+    /// [`Error::Summary`] when the values are more than the budget or do not match the summary's
+    /// own counts (one KLD per non-NaN token, one Δp per non-NaN row with a target).
+    pub fn with_exact_values(mut self, kld: Vec<f32>, dp: Vec<f32>) -> Result<KldSummary> {
+        if kld.len() as u64 != self.kld_sketch.count() || dp.len() as u64 != self.dp_sketch.count() {
+            return Err(Error::Summary(format!(
+                "{} exact KLD and {} exact Δp values for a summary of {} and {} values",
+                kld.len(),
+                dp.len(),
+                self.kld_sketch.count(),
+                self.dp_sketch.count()
+            )));
+        }
+        if self.tokens > self.budget {
+            return Err(Error::Summary(format!(
+                "exact values for {} tokens, over the budget {}",
+                self.tokens, self.budget
+            )));
+        }
+        self.exact = Some(ExactValues { kld, dp });
+        Ok(self)
+    }
+
     /// Rows scored (not ignored).
     pub fn tokens(&self) -> u64 {
         self.tokens
