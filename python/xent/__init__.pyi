@@ -56,6 +56,8 @@ class KldSummary:
     same_top_stderr: float
     device: str
     seconds: float
+    def report(self) -> dict[str, Any]:
+        """The statistics ``xent kld --json`` prints."""
     def to_dict(self) -> dict[str, Any]: ...
     def to_json(self) -> str: ...
     @staticmethod
@@ -96,11 +98,9 @@ class FilesResult:
     seq_sum_logprob: npt.NDArray[np.float64] | None
     seq_is_greedy: npt.NDArray[np.bool_] | None
 
-class XentError(Exception):
-    """Never raised itself: documents the mapping. Bad dtypes or objects raise ``TypeError``; bad
-    shapes, targets, file contents and summaries ``ValueError``; missing or unreadable files
-    ``OSError`` (``FileNotFoundError``); device failures ``RuntimeError``; Ctrl-C
-    ``KeyboardInterrupt``. Every message is the one line the CLI prints."""
+# Errors: bad dtypes or objects raise TypeError; bad shapes, targets, file contents and summaries
+# ValueError; missing or unreadable files OSError (FileNotFoundError); device failures
+# RuntimeError; Ctrl-C KeyboardInterrupt. Every message is the one line the CLI prints.
 
 def score(
     logits: Any,
