@@ -10,9 +10,9 @@ Writes 8 shards of [2048, 32000] bf16 logits (.safetensors, BF16) with int64 tar
 - ``ray_eval.run`` in this process on an already running local cluster (workers warm after the
   first repeat): submit-to-merged.
 
-Peak RSS: the single process's (``wait4``), and the largest peak of any Ray worker that scored
-(``ru_maxrss`` returned by each task; mapped input pages count in both), next to an idle worker's
-after ``import xent``. The merged summaries of every run are checked equal to the single
+Peak RSS: the single process's (GNU ``/usr/bin/time -f %M``, as BENCHMARKS.md measures it), and
+the largest peak of any Ray worker that scored (each task returns its worker's VmHWM), next to an
+idle worker's after ``import xent``. The merged summaries of every run are checked equal to the single
 process's (exact sums). Inputs are read from the page cache after the first run.
 """
 
@@ -77,21 +77,29 @@ def generate(d: Path, shards: int, rows: int, vocab: int) -> tuple[list[str], li
 
 
 def run_timed(cmd: list[str]) -> tuple[float, int, str, str]:
-    """Runs cmd; returns (wall seconds, peak RSS KiB of the process itself, stdout, stderr)."""
+    """Runs cmd; returns (wall seconds, peak RSS KiB of the process itself, stdout, stderr).
+
+    The peak RSS comes from GNU time (``/usr/bin/time -f %M``), as in BENCHMARKS.md: the
+    ru_maxrss that wait4 reports for a child spawned straight from this process would also count
+    this process's own peak (Python spawns with vfork, and exec keeps the old image's peak).
+    """
     import tempfile
 
+    timer = ["/usr/bin/time", "-f", "peak-rss-kib %M"] if os.path.exists("/usr/bin/time") else []
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage, not every child's
+        rc = subprocess.run(timer + cmd, stdout=out, stderr=err, text=True).returncode
         wall = time.perf_counter() - t0
-        p.returncode = rc = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     if rc != 0:
         raise SystemExit(f"{cmd[0]} failed ({rc}):\n{stderr}")
-    return wall, usage.ru_maxrss, stdout, stderr
+    rss = -1
+    if timer:
+        last = stderr.rstrip().rsplit("\n", 1)[-1]
+        rss = int(last.split()[1]) if last.startswith("peak-rss-kib ") else -1
+    return wall, rss, stdout, stderr
 
 
 def load_example():
@@ -103,9 +111,8 @@ def load_example():
 
 
 def exact(d) -> dict:
-    if isinstance(d, str):
-        d = json.loads(d)
-    return {k: d[k] for k in EXACT}
+    obj = json.loads(d) if isinstance(d, str) else d
+    return {k: obj[k] for k in EXACT}
 
 
 def med(xs):
@@ -153,7 +160,7 @@ def main() -> int:
         b_wall.append(wall)
         b_init.append(rep["init_seconds"])
         b_score.append(rep["wall_seconds"])
-        b_rss.append(max(s["worker_maxrss_kib"] for s in rep["shards"]))
+        b_rss.append(max(s["worker_peak_rss_kib"] for s in rep["shards"]))
 
     # (c) run() in this process on a running cluster.
     import ray
@@ -163,13 +170,13 @@ def main() -> int:
     ray.init(num_cpus=a.num_cpus, include_dashboard=False)
     c_init = time.perf_counter() - t0
 
+    peak_rss_kib = ray_eval.peak_rss_kib
+
     @ray.remote(num_cpus=1)
     def idle_worker_rss() -> int:
-        import resource
-
         import xent  # noqa: F401
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak_rss_kib()
 
     idle_rss = ray.get(idle_worker_rss.remote())
     shards = ray_eval.pair_shards([lglob], [tglob])
@@ -178,7 +185,7 @@ def main() -> int:
         r = ray_eval.run(shards, device="cpu", log=open(os.devnull, "w"))
         assert r.complete and exact(r.summary.to_json()) == reference
         c_score.append(r.wall_seconds)
-        c_rss.append(max(s["worker_maxrss_kib"] for s in r.covered))
+        c_rss.append(max(s["worker_peak_rss_kib"] for s in r.covered))
     ray.shutdown()
 
     mib = lambda kib: f"{kib / 1024:.0f} MiB"  # noqa: E731

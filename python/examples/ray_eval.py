@@ -51,14 +51,12 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import ray
 import xent
 
-#: Exact fields of a score summary: what merges, and what two equal results share to the digit.
-EXACT_FIELDS = ("tokens", "ignored", "correct", "nan", "infinite", "sum_nll_fixed", "sum_nll_sq_fixed")
-
+Device = Literal["auto", "gpu", "cpu"]
 
 # --------------------------------------------------------------------------------------------
 # The task: runs on a worker.
@@ -67,10 +65,9 @@ EXACT_FIELDS = ("tokens", "ignored", "correct", "nan", "infinite", "sum_nll_fixe
 
 @ray.remote(max_retries=2, retry_exceptions=True)
 def score_shard(
-    name: str, logits: str, targets: str, device: str, ignore_index: int, shift: bool, chunk_mib: int
+    name: str, logits: str, targets: str, device: Device, ignore_index: int, shift: bool, chunk_mib: int
 ) -> dict[str, Any]:
     """Scores one shard pair where the task runs; returns its Summary and where/how it ran."""
-    import resource
     import socket
 
     start = time.perf_counter()
@@ -89,10 +86,26 @@ def score_shard(
         "wall_seconds": time.perf_counter() - start,
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        # Peak resident set of this worker process so far (KiB on Linux): workers are reused, so
-        # this is the worker's peak over every task it ran. Mapped input pages count in it.
-        "worker_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        # Peak resident set of this worker process so far, KiB: workers are reused, so this is the
+        # worker's peak over every task it ran.
+        "worker_peak_rss_kib": peak_rss_kib(),
     }
+
+
+def peak_rss_kib() -> int:
+    """This process's peak RSS in KiB: VmHWM on Linux (ru_maxrss there also counts the image of
+    the process that spawned this one, before exec), else ru_maxrss (bytes on macOS)."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss // 1024 if sys.platform == "darwin" else rss
 
 
 if __name__ != "__main__":
@@ -189,13 +202,13 @@ class Result:
         return d
 
 
-def plan_resources(device: str, cpus_per_task: Optional[int], shards: int) -> tuple[str, dict[str, Any]]:
+def plan_resources(device: Device, cpus_per_task: Optional[int], shards: int) -> tuple[Device, dict[str, Any]]:
     """The device each task scores on, and the resources it asks Ray for."""
     gpus = ray.cluster_resources().get("GPU", 0)
     if device == "auto":
         device = "gpu" if gpus > 0 else "cpu"
     if device == "gpu" and gpus <= 0:
-        raise SystemExit("ray_eval: error: --device gpu, but the cluster has no GPUs (ray.cluster_resources())")
+        raise ValueError("device 'gpu', but the cluster has no GPUs (ray.cluster_resources())")
     if cpus_per_task is None:
         if device == "gpu":
             cpus_per_task = 1
@@ -216,7 +229,7 @@ def plan_resources(device: str, cpus_per_task: Optional[int], shards: int) -> tu
 def run(
     shards: Sequence[tuple[str, str, str]],
     *,
-    device: str = "auto",
+    device: Device = "auto",
     retries: int = 2,
     ignore_index: int = -100,
     shift: bool = False,
@@ -251,8 +264,9 @@ def run(
                     out = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - every failure is reported, by shard
                     result.failed[name] = one_line(e)
+                    tries = f"after {retries + 1} attempt(s)" if retries >= 0 else "(retries exhausted)"
                     print(
-                        f"[{done}/{len(shards)}] {name}: FAILED after {retries + 1} attempt(s): {result.failed[name]}",
+                        f"[{done}/{len(shards)}] {name}: FAILED {tries}: {result.failed[name]}",
                         file=log,
                         flush=True,
                     )
@@ -331,15 +345,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             init_seconds = time.perf_counter() - t0
             started = True
         try:
-            result = run(
-                shards,
-                device=args.device,
-                retries=args.retries,
-                ignore_index=args.ignore_index,
-                shift=args.shift,
-                chunk_mib=args.chunk_mib,
-                cpus_per_task=args.cpus_per_task,
-            )
+            try:
+                result = run(
+                    shards,
+                    device=args.device,
+                    retries=args.retries,
+                    ignore_index=args.ignore_index,
+                    shift=args.shift,
+                    chunk_mib=args.chunk_mib,
+                    cpus_per_task=args.cpus_per_task,
+                )
+            except ValueError as e:
+                raise SystemExit(f"ray_eval: error: {e}") from None
         finally:
             if started:
                 ray.shutdown()
@@ -353,12 +370,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report["shards"] = [
             {k: v for k, v in c.items() if k != "summary"} | {"tokens": c["summary"].tokens} for c in result.covered
         ]
-        print(json.dumps(report), flush=True)
+        print(json.dumps(report, separators=(",", ":")), flush=True)
 
     if args.summary_out is not None:
         if result.complete or args.allow_partial:
             out = {k: v for k, v in report.items() if k not in ("shards", "init_seconds", "wall_seconds")}
-            write_atomic(args.summary_out, json.dumps(out) + "\n")
+            write_atomic(args.summary_out, json.dumps(out, separators=(",", ":")) + "\n")
         else:
             print(
                 f"ray_eval: not writing {args.summary_out}: the result covers {len(result.covered)} of "

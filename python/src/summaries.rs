@@ -38,10 +38,10 @@ pub struct PySummary {
 
 #[pymethods]
 impl PySummary {
-    /// An empty summary (no tokens): the neutral element of ``+``.
+    /// An empty summary (no tokens), a merge of nothing: the neutral element of ``+``.
     #[new]
     fn new() -> Self {
-        PySummary { inner: xent::Summary::default(), device: String::new(), seconds: 0.0 }
+        PySummary { inner: xent::Summary::default(), device: MERGED.into(), seconds: 0.0 }
     }
 
     /// Rows scored (not ignored).
@@ -94,7 +94,7 @@ impl PySummary {
     fn accuracy(&self) -> f64 {
         self.inner.accuracy()
     }
-    /// ``"gpu"``, ``"cpu"``, ``"merged"`` (a merge of several), or ``""`` (empty).
+    /// ``"gpu"`` or ``"cpu"`` (one run), ``"merged"`` (a merge of several, or ``Summary()``).
     #[getter]
     fn device(&self) -> &str {
         &self.device

@@ -71,9 +71,8 @@ def _files(d: Path) -> tuple[list[str], list[str]]:
 
 
 def _exact(d: dict | str) -> dict:
-    if isinstance(d, str):
-        d = json.loads(d)
-    return {k: d[k] for k in EXACT}
+    obj = json.loads(d) if isinstance(d, str) else d
+    return {k: obj[k] for k in EXACT}
 
 
 def test_ray_merged_equals_one_run(ray_cluster, shard_dir, tmp_path, capsys):
