@@ -39,6 +39,12 @@ log "xent bench --kld: ${BIG1} x ${V1} and (${SMALL_ROWS}) x ${SMALL_V}, base an
 "$XENT" bench --kld --device gpu --rows "$BIG1" --vocab "$V1" --dtype f32,bf16 --iters "$ITERS" --json >"$OUT/bench_kld_a.json" 2>>"$OUT/log.txt"
 "$XENT" bench --kld --device gpu --rows "$SMALL_ROWS" --vocab "$SMALL_V" --dtype f32 --iters "$ITERS" --json >"$OUT/bench_kld_b.json" 2>>"$OUT/log.txt"
 
+log "xent bench --train: loss + gradient, ${BIG1} x ${V1} (f32, bf16), 1024 x ${V1} (the unfused baseline fits one binding), (${SMALL_ROWS}) x ${SMALL_V}"
+# Bytes are 2 reads + 1 write of the logits; "% ceil" is of the copy ceiling measured in the same run.
+"$XENT" bench --train --device gpu --rows "$BIG1" --vocab "$V1" --dtype f32,bf16 --iters "$ITERS" --json >"$OUT/train_a.json" 2>>"$OUT/log.txt"
+"$XENT" bench --train --device gpu --rows 1024 --vocab "$V1" --dtype f32 --iters "$ITERS" --json >"$OUT/train_b.json" 2>>"$OUT/log.txt"
+"$XENT" bench --train --device gpu --rows "$SMALL_ROWS" --vocab "$SMALL_V" --dtype f32 --iters "$ITERS" --json >"$OUT/train_c.json" 2>>"$OUT/log.txt"
+
 log "agreement input: ${AGREE} f32, scored by xent"
 ROWS=${AGREE%x*}; VOCAB=${AGREE#*x}
 "$XENT" gen --rows "$ROWS" --vocab "$VOCAB" --logits "$OUT/agree_logits.npy" --targets "$OUT/agree_targets.npy" 2>>"$OUT/log.txt"
@@ -54,6 +60,10 @@ if $PY -c "import torch, numpy" 2>/dev/null; then
   $PY benches/peers/torch_gpu.py --kld --shapes "${BIG1}x${V1},1x${SMALL_V},64x${SMALL_V}" --dtypes f32,bf16 \
     --iters "$ITERS" --out "$OUT/torch_kld.json" >/dev/null 2>>"$OUT/log.txt" \
     || echo "torch kld peers failed (see log)" | tee -a "$OUT/log.txt"
+  # Loss + gradient: F.cross_entropy forward and backward() on a leaf tensor, eager and compiled.
+  $PY benches/peers/torch_gpu.py --train --shapes "${BIG1}x${V1},1024x${V1},1x${SMALL_V},64x${SMALL_V}" \
+    --dtypes f32,bf16 --iters "$ITERS" --out "$OUT/torch_train.json" >/dev/null 2>>"$OUT/log.txt" \
+    || echo "torch train peers failed (see log)" | tee -a "$OUT/log.txt"
 else
   echo "no torch here: peers skipped" | tee -a "$OUT/log.txt"
 fi

@@ -19,8 +19,18 @@ for f in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
     print(f"{os.path.basename(f)}: empty dispatch round trip {b['empty_round_trip_ms']:.3f} ms")
     for r in b["results"]:
         rows.append((r["rows"], r["vocab"], r["dtype"], "xent " + r["path"], r["ms"], r["gb_per_s"], r["pct_of_ceiling"], r["plan"]))
+# `xent bench --train` files: loss + gradient, each row with its own ceiling (bytes 2R + 1W).
+for f in sorted(glob.glob(os.path.join(out, "train_*.json"))):
+    try:
+        b = json.load(open(f))
+    except (OSError, ValueError) as e:
+        print(f"{f}: unreadable ({e})")
+        continue
+    for r in b["results"]:
+        rows.append((r["rows"], r["vocab"], r["dtype"], "xent " + r["path"], r["ms"], r["gb_per_s"],
+                     r["pct_of_ceiling"], r["plan"]))
 torch = {}
-for name in ("torch.json", "torch_kld.json"):
+for name in ("torch.json", "torch_kld.json", "torch_train.json"):
     tpath = os.path.join(out, name)
     if not os.path.exists(tpath):
         continue

@@ -473,3 +473,6 @@ fn scan_unit(g: u32, slot: u32, lane: u32, lanes: u32) -> State {
 }
 
 // `emit` and the `combine` entry point follow in split_rows.wgsl.
+
+// Nothing more to do once a unit's result is emitted (the hook of split_rows.wgsl).
+fn after_unit(g: u32, slot: u32, lane: u32, lanes: u32) {}

@@ -1,6 +1,7 @@
 // Reduction through subgroup operations (Features::SUBGROUP), one row part per workgroup.
 // Appended to a kernel and its `subgroup_reduce(State, lid) -> State` (which combines the states of
-// one subgroup with subgroup operations); uses the kernel's `State`, `merge`, `scan_unit`, `emit`.
+// one subgroup with subgroup operations); uses the kernel's `State`, `merge`, `scan_unit`, `emit`,
+// `after_unit`.
 //
 // The subgroup size is whatever the device runs (8 on lavapipe, 32 on NVIDIA, 64 on AMD) and no
 // assumption is made about which invocations share a subgroup: each subgroup stores its state
@@ -48,4 +49,5 @@ fn main(
         }
         emit(g, 0u, acc);
     }
+    after_unit(g, 0u, lid, WG_SIZE);
 }

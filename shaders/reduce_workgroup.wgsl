@@ -1,6 +1,6 @@
 // Reduction through workgroup memory only: works on every adapter.
 // Appended to a kernel (online_softmax.wgsl + its own file); uses its `State`, `merge`,
-// `scan_unit`, `emit` and the WG_SIZE / ROWS_PER_WG overrides.
+// `scan_unit`, `emit`, `after_unit` and the WG_SIZE / ROWS_PER_WG overrides.
 
 var<workgroup> wg_state: array<State, MAX_WG>;
 
@@ -28,4 +28,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if lane == 0u {
         emit(g, slot, wg_state[lid]);
     }
+    after_unit(g, slot, lane, lanes);
 }

@@ -1,6 +1,10 @@
 // Writing a work unit's result, and the `combine` pass for split rows: the same for every kernel
 // of the family. Appended to the kernel's own file, whose `State`, `merge`, `finish`, `partials`
 // and `ROWS_PER_WG` it uses (WGSL has no generics; the names are the contract).
+//
+// After `emit`, the reductions' `main` calls the kernel's `after_unit(g, slot, lane, lanes)` from
+// every invocation, in uniform control flow: nothing for the forward and KLD kernels; the
+// training kernel's second pass over the row (its gradient) when the row was not split.
 
 // Stores a finished unit: the row's result, or a partial state for `combine`.
 fn emit(g: u32, slot: u32, st: State) {

@@ -2,14 +2,19 @@
 //! data (rotated over several copies so caches do not flatter), the copy ceiling of the same
 //! adapter, an empty dispatch's round trip, the unfused baseline, upload alone, and the CPU's
 //! memory read bandwidth; for KL divergence, the fused kernel on resident pairs ([`KldResident`])
-//! and its unfused baseline ([`KldUnfused`]).
+//! and its unfused baseline ([`KldUnfused`]); for the loss and its gradient, the fused kernel on
+//! resident rows ([`TrainResident`]) and its unfused baseline ([`TrainUnfused`]).
 
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::gpu::{read_buffer, EncodeJob, GpuContext, KldEncodeJob, KLD_ROW_BYTES, ROW_LOSS_BYTES};
+use crate::gpu::{
+    read_buffer, EncodeJob, GpuContext, GradOutput, KldEncodeJob, TrainEncodeJob, KLD_ROW_BYTES, ROW_LOSS_BYTES,
+    TRAIN_ROW_BYTES,
+};
 use crate::kld::KldRow;
 use crate::problem::{Dtype, Logits, RowLoss, IGNORED_TARGET};
+use crate::train::TrainRow;
 
 /// One timed run.
 #[derive(Debug, Clone, Copy)]
@@ -623,6 +628,289 @@ impl<'c> KldUnfused<'c> {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// GPU loss and gradient (issue 12): the fused kernel on resident rows, and its unfused baseline.
+// ---------------------------------------------------------------------------------------------
+
+/// A storage buffer holding `bytes` (padded to 16), readable back by a copy.
+fn upload_readable(ctx: &GpuContext, label: &str, bytes: &[u8]) -> wgpu::Buffer {
+    use wgpu::util::DeviceExt;
+    let mut padded = bytes.to_vec();
+    padded.resize(bytes.len().next_multiple_of(16).max(16), 0);
+    ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents: &padded,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+    })
+}
+
+/// Copies `size` bytes of `src` out through a staging buffer.
+fn read_back(ctx: &GpuContext, src: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+    let staging = buffer(
+        ctx,
+        "xent read back",
+        size.next_multiple_of(4),
+        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+    );
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(src, 0, &staging, 0, size.next_multiple_of(4));
+    ctx.queue().submit([encoder.finish()]);
+    let mut out = vec![0u8; size as usize];
+    read_buffer(ctx.device(), &staging, size, &mut out)?;
+    Ok(out)
+}
+
+/// Logits, targets and per-row scales uploaded once, ready for the fused loss-and-gradient kernel
+/// again and again — the way a training step calls [`GpuContext::encode_loss_and_grad`]. Copies
+/// of the logits are rotated as in [`Resident`]. In place, each run replaces a copy's logits by
+/// their gradient, which the copy's next run then reads as logits: the same work on other values
+/// (all finite), so the timing stands.
+#[derive(Debug)]
+pub struct TrainResident<'c> {
+    ctx: &'c GpuContext,
+    copies: Vec<wgpu::Buffer>,
+    next: std::cell::Cell<usize>,
+    targets: wgpu::Buffer,
+    scale: wgpu::Buffer,
+    output: wgpu::Buffer,
+    /// The separate gradient buffer (`None`: in place).
+    grad: Option<wgpu::Buffer>,
+    rows: u64,
+    vocab: u32,
+    dtype: Dtype,
+    timer: Option<Timer>,
+}
+
+impl<'c> TrainResident<'c> {
+    /// Uploads `logits`, kernel-form `targets` and per-row `scale`s (see
+    /// [`crate::train::prepare`]) with enough copies of the logits (at most 16) to total at least
+    /// `min_total_bytes`; the gradient goes over the logits (`in_place`) or into a buffer of its own.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when targets or scales are not one per row; [`Error::Gpu`] on a device error.
+    pub fn rotating(
+        ctx: &'c GpuContext,
+        logits: Logits<'_>,
+        targets: &[u32],
+        scale: &[f32],
+        in_place: bool,
+        min_total_bytes: u64,
+    ) -> Result<Self> {
+        if targets.len() != logits.rows() || scale.len() != logits.rows() {
+            return Err(Error::Shape(format!(
+                "{} rows, {} targets, {} scales",
+                logits.rows(),
+                targets.len(),
+                scale.len()
+            )));
+        }
+        let bytes = (logits.bytes().len() as u64).max(1);
+        let n = min_total_bytes.div_ceil(bytes).clamp(1, 16);
+        let copies = (0..n).map(|_| upload_readable(ctx, "xent train resident logits", logits.bytes())).collect();
+        let rows = logits.rows() as u64;
+        use wgpu::BufferUsages as U;
+        Ok(TrainResident {
+            ctx,
+            copies,
+            next: std::cell::Cell::new(0),
+            targets: upload_readable(ctx, "xent train resident targets", bytemuck::cast_slice(targets)),
+            scale: upload_readable(ctx, "xent train resident scale", bytemuck::cast_slice(scale)),
+            output: buffer(ctx, "xent train resident output", rows * TRAIN_ROW_BYTES, U::STORAGE | U::COPY_SRC),
+            grad: (!in_place).then(|| buffer(ctx, "xent train resident gradient", bytes, U::STORAGE | U::COPY_SRC)),
+            rows,
+            vocab: logits.vocab() as u32,
+            dtype: logits.dtype(),
+            timer: Timer::new(ctx),
+        })
+    }
+
+    /// Copies of the logits being rotated.
+    pub fn copies(&self) -> usize {
+        self.copies.len()
+    }
+
+    /// Bytes of logits one run reads (twice) and of gradient it writes (once).
+    pub fn logits_bytes(&self) -> u64 {
+        self.rows * u64::from(self.vocab) * self.dtype.size() as u64
+    }
+
+    /// The layout the kernel uses.
+    pub fn plan(&self) -> crate::Plan {
+        self.ctx.plan_train(self.rows, self.vocab)
+    }
+
+    /// Runs the kernel once (loss and gradient, no options), over the next copy, and waits.
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] on a device error.
+    pub fn run(&self) -> Result<Timing> {
+        let i = self.next.get();
+        self.next.set((i + 1) % self.copies.len());
+        let v = u64::from(self.vocab);
+        let job = TrainEncodeJob {
+            logits: &self.copies[i],
+            logits_offset: 0,
+            dtype: self.dtype,
+            row_stride: v,
+            rows: self.rows,
+            vocab: self.vocab,
+            targets: &self.targets,
+            targets_offset: 0,
+            ignore: Some(IGNORED_TARGET),
+            scale: &self.scale,
+            scale_offset: 0,
+            weight: None,
+            label_smoothing: 0.0,
+            z_loss: 0.0,
+            softcap: None,
+            output: &self.output,
+            output_offset: 0,
+            grad: match &self.grad {
+                Some(buffer) => GradOutput::Buffer { buffer, offset: 0, row_stride: v },
+                None => GradOutput::InPlace,
+            },
+        };
+        let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
+        self.ctx.encode_loss_and_grad_timed(&mut encoder, &job, self.timer.as_ref().map(Timer::pass_writes))?;
+        finish_timed(self.ctx, encoder, self.timer.as_ref())
+    }
+
+    /// The per-row results of the last run.
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] on a device error.
+    pub fn results(&self) -> Result<Vec<TrainRow>> {
+        let bytes = read_back(self.ctx, &self.output, self.rows * TRAIN_ROW_BYTES)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// The gradient of the last run, as bytes of the logits' dtype.
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] on a device error.
+    pub fn gradient(&self) -> Result<Vec<u8>> {
+        let last = (self.next.get() + self.copies.len() - 1) % self.copies.len();
+        read_back(self.ctx, self.grad.as_ref().unwrap_or(&self.copies[last]), self.logits_bytes())
+    }
+}
+
+/// The unfused loss-and-gradient baseline on resident f32 logits: `log_softmax` written to a
+/// `[rows, vocab]` buffer (`shaders/unfused.wgsl`), then a pass reading it back into the gradient
+/// and the loss (`shaders/train_unfused.wgsl`) — the two kernels an eager framework runs, with
+/// the log-probabilities between them.
+#[derive(Debug)]
+pub struct TrainUnfused<'c> {
+    ctx: &'c GpuContext,
+    softmax: wgpu::ComputePipeline,
+    grad_pipeline: wgpu::ComputePipeline,
+    softmax_group: wgpu::BindGroup,
+    grad_group: wgpu::BindGroup,
+    grad: wgpu::Buffer,
+    loss: wgpu::Buffer,
+    rows: u32,
+    bytes: u64,
+    timer: Option<Timer>,
+}
+
+impl<'c> TrainUnfused<'c> {
+    /// Uploads f32 `logits`, validated `targets` (all in range: the baseline has no ignored rows)
+    /// and per-row `scale`s; allocates the log-probabilities and the gradient.
+    ///
+    /// # Errors
+    /// [`Error::Dtype`] for logits other than f32; [`Error::Shape`] when the logits exceed one
+    /// binding (the baseline does not chunk) or targets and scales are not one per row.
+    pub fn new(ctx: &'c GpuContext, logits: Logits<'_>, targets: &[u32], scale: &[f32]) -> Result<Self> {
+        if logits.dtype() != Dtype::F32 {
+            return Err(Error::Dtype {
+                dtype: logits.dtype().to_string(),
+                expected: "the unfused training baseline is f32 only".into(),
+            });
+        }
+        let bytes = logits.bytes().len() as u64;
+        if bytes > ctx.max_binding_bytes() || logits.rows() > 65_535 * 65_535 {
+            return Err(Error::Shape(format!("the unfused training baseline needs {bytes} bytes in one binding")));
+        }
+        if targets.len() != logits.rows() || scale.len() != logits.rows() {
+            return Err(Error::Shape("the unfused training baseline needs one target and one scale per row".into()));
+        }
+        const SOFTMAX: &str = include_str!("../shaders/unfused.wgsl");
+        const GRAD: &str = include_str!("../shaders/train_unfused.wgsl");
+        let softmax = ctx.auxiliary_pipeline("xent unfused log_softmax", SOFTMAX, "log_softmax");
+        let grad_pipeline = ctx.auxiliary_pipeline("xent unfused gradient", GRAD, "grad_from_logprobs");
+        use wgpu::BufferUsages as U;
+        let rows = logits.rows() as u32;
+        let params = buffer(ctx, "xent unfused train params", 16, U::UNIFORM | U::COPY_DST);
+        ctx.queue().write_buffer(&params, 0, bytemuck::cast_slice(&[rows, logits.vocab() as u32, 0, 0]));
+        let x = upload_readable(ctx, "xent unfused train logits", logits.bytes());
+        let logprobs = buffer(ctx, "xent unfused train logprobs", bytes, U::STORAGE);
+        let t = upload_readable(ctx, "xent unfused train targets", bytemuck::cast_slice(targets));
+        let s = upload_readable(ctx, "xent unfused train scale", bytemuck::cast_slice(scale));
+        let grad = buffer(ctx, "xent unfused train gradient", bytes, U::STORAGE | U::COPY_SRC);
+        let loss = buffer(ctx, "xent unfused train loss", u64::from(rows) * 4, U::STORAGE | U::COPY_SRC);
+        let softmax_group = ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("xent unfused log_softmax"),
+            layout: &softmax.get_bind_group_layout(0),
+            entries: &[entry(0, &params), entry(1, &x), entry(2, &logprobs)],
+        });
+        let grad_group = ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("xent unfused gradient"),
+            layout: &grad_pipeline.get_bind_group_layout(0),
+            entries: &[
+                entry(0, &params),
+                entry(1, &logprobs),
+                entry(2, &t),
+                entry(3, &s),
+                entry(4, &grad),
+                entry(5, &loss),
+            ],
+        });
+        Ok(TrainUnfused {
+            ctx,
+            softmax,
+            grad_pipeline,
+            softmax_group,
+            grad_group,
+            grad,
+            loss,
+            rows,
+            bytes,
+            timer: Timer::new(ctx),
+        })
+    }
+
+    /// Runs log-softmax then the gradient pass once (one pass, two dispatches) and waits.
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] on a device error.
+    pub fn run(&self) -> Result<Timing> {
+        let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("xent unfused train"),
+                timestamp_writes: self.timer.as_ref().map(Timer::pass_writes),
+            });
+            let gx = self.rows.clamp(1, 65_535);
+            pass.set_pipeline(&self.softmax);
+            pass.set_bind_group(0, &self.softmax_group, &[]);
+            pass.dispatch_workgroups(gx, self.rows.div_ceil(gx), 1);
+            pass.set_pipeline(&self.grad_pipeline);
+            pass.set_bind_group(0, &self.grad_group, &[]);
+            pass.dispatch_workgroups(gx, self.rows.div_ceil(gx), 1);
+        }
+        finish_timed(self.ctx, encoder, self.timer.as_ref())
+    }
+
+    /// The per-row loss and the f32 gradient of the last run.
+    ///
+    /// # Errors
+    /// [`Error::Gpu`] on a device error.
+    pub fn results(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let loss = read_back(self.ctx, &self.loss, u64::from(self.rows) * 4)?;
+        let grad = read_back(self.ctx, &self.grad, self.bytes)?;
+        Ok((bytemuck::pod_collect_to_vec(&loss), bytemuck::pod_collect_to_vec(&grad)))
+    }
+}
+
 /// Wall time to move `logits` host-to-device through the same chunking as [`crate::Stream`]
 /// (`write_buffer` into a ring of [`crate::RING`] buffers), with no kernel: the upload-alone
 /// time that streaming's overlap is judged against.
@@ -658,6 +946,64 @@ pub fn upload_alone(ctx: &GpuContext, logits: Logits<'_>, chunk_bytes: u64) -> R
     }
     ctx.device().poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
     Ok(start.elapsed().as_secs_f64())
+}
+
+/// Copies `src` into `dst` (the same length) on every rayon thread, one contiguous piece each,
+/// with the standard library's `copy_from_slice` (`memcpy`): the CPU copy ceiling of
+/// `xent bench --train`.
+pub fn par_copy(src: &[u8], dst: &mut [u8]) {
+    use rayon::prelude::*;
+    let piece = src.len().div_ceil(rayon::current_num_threads()).max(1);
+    dst.par_chunks_mut(piece).zip(src.par_chunks(piece)).for_each(|(d, s)| d.copy_from_slice(s));
+}
+
+/// The CPU loss and gradient timed in the same run as the copy that is its ceiling.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainCpuTiming {
+    /// Median seconds of [`crate::train::cpu::loss_and_grad_in_place`].
+    pub in_place: f64,
+    /// Median seconds of [`crate::train::cpu::loss_and_grad`] into a separate buffer (allocated
+    /// and written once before timing).
+    pub separate: f64,
+    /// Median seconds of [`par_copy`] of the logits (the restore before each in-place run): the
+    /// copy bandwidth is twice the logits' bytes over this.
+    pub copy: f64,
+}
+
+/// Times the CPU loss and gradient on `logits`: each in-place run works on a buffer first restored
+/// from `logits` by [`par_copy`] (timed apart: the copy bandwidth, same size, same run), so every
+/// run sees the same values and none finds its input in cache; runs into a separate buffer
+/// alternate with them. Medians of `iters` after a warm-up of each.
+///
+/// # Errors
+/// As [`crate::train::cpu::loss_and_grad`].
+pub fn time_train_cpu(
+    logits: Logits<'_>,
+    targets: crate::Targets<'_>,
+    opts: &crate::train::LossOptions<'_>,
+    iters: usize,
+) -> Result<TrainCpuTiming> {
+    use crate::train::{cpu, Upstream};
+    let mut work = vec![0u8; logits.bytes().len()];
+    let mut grad = vec![0u8; logits.bytes().len()];
+    let (mut in_place, mut separate, mut copy) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..=iters.max(1) {
+        let t = Instant::now();
+        par_copy(logits.bytes(), &mut work);
+        let c = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        cpu::loss_and_grad_in_place(&mut work, logits.dtype(), logits.vocab(), targets, opts, Upstream::Scalar(1.0))?;
+        let p = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        cpu::loss_and_grad(logits, targets, opts, Upstream::Scalar(1.0), Some(&mut grad))?;
+        let s = t.elapsed().as_secs_f64();
+        if i > 0 {
+            in_place.push(p);
+            separate.push(s);
+            copy.push(c);
+        }
+    }
+    Ok(TrainCpuTiming { in_place: median(in_place), separate: median(separate), copy: median(copy) })
 }
 
 /// The CPU's memory read bandwidth in bytes per second: every thread summing its share of a

@@ -52,10 +52,14 @@
 //! needs it). Targets: an `Int` tensor of shape `[N]` / `[B, T]` in any integer dtype (i32 and
 //! u32 are read in place; other widths are cast to i32 on the device first, so an i64 target
 //! beyond the i32 range wraps instead of being reported). Autodiff tensors
-//! are refused (the loss has no backward here): pass `tensor.clone().inner()` or `.detach()`.
+//! are refused (the loss here has no backward): pass `tensor.clone().inner()` to score them, or
+//! train with [`train::cross_entropy`], the loss with every training option whose backward on
+//! `device.autodiff()` tensors is xent's gradient kernel.
 //!
 //! burn 0.22 wraps its wgpu backend in its fusion layer by default (burn's `fusion` feature, which
 //! this feature turns on): the tensors xent receives are fusion handles, resolved as above.
+
+pub mod train;
 
 use std::sync::{Arc, Mutex};
 
@@ -287,32 +291,8 @@ fn records<const D: usize, const E: usize>(
     targets: &Tensor<E, Int>,
     opts: &Options,
 ) -> Result<Tensor<2>> {
-    let dims = logits.dims();
-    if !(D == 2 || D == 3) || E + 1 != D {
-        return Err(Error::Shape(format!(
-            "xent::burn takes logits [N, V] with targets [N], or [B, T, V] with [B, T]; got logits of rank {D} \
-             and targets of rank {E}"
-        )));
-    }
-    if dims[..D - 1] != targets.dims()[..] {
-        return Err(Error::Shape(format!("logits {dims:?} and targets {:?} disagree", targets.dims())));
-    }
-    let vocab = dims[D - 1];
-    let rows: usize = dims[..D - 1].iter().product();
-    let dtype = match logits.dtype() {
-        DType::F32 => Dtype::F32,
-        DType::F16 => Dtype::F16,
-        DType::BF16 => Dtype::BF16,
-        other => {
-            return Err(Error::Dtype {
-                dtype: format!("{other:?}"),
-                expected: "burn logits must be f32, f16 or bf16".into(),
-            })
-        }
-    };
-    if vocab == 0 || vocab > u32::MAX as usize {
-        return Err(Error::Shape(format!("vocab {vocab} is outside 1..=2^32-1")));
-    }
+    let (rows, vocab) = check_shapes(logits, targets)?;
+    let dtype = kernel_dtype(logits.dtype())?;
     let device = logits.device();
     if targets.device() != device {
         return Err(Error::Engine("logits and targets are on different devices".into()));
@@ -372,6 +352,40 @@ fn records<const D: usize, const E: usize>(
         Ok(())
     })?;
     Ok(output)
+}
+
+/// `(rows, vocab)` of logits `[N, V]` with targets `[N]`, or `[B, T, V]` with `[B, T]`.
+fn check_shapes<const D: usize, const E: usize, K>(logits: &Tensor<D>, targets: &Tensor<E, K>) -> Result<(usize, usize)>
+where
+    K: ::burn::tensor::kind::Basic,
+{
+    let dims = logits.dims();
+    if !(D == 2 || D == 3) || E + 1 != D {
+        return Err(Error::Shape(format!(
+            "xent::burn takes logits [N, V] with targets [N], or [B, T, V] with [B, T]; got logits of rank {D} \
+             and targets of rank {E}"
+        )));
+    }
+    if dims[..D - 1] != targets.dims()[..] {
+        return Err(Error::Shape(format!("logits {dims:?} and targets {:?} disagree", targets.dims())));
+    }
+    let vocab = dims[D - 1];
+    if vocab == 0 || vocab > u32::MAX as usize {
+        return Err(Error::Shape(format!("vocab {vocab} is outside 1..=2^32-1")));
+    }
+    Ok((dims[..D - 1].iter().product(), vocab))
+}
+
+/// xent's name for a burn float dtype the kernels read.
+fn kernel_dtype(dtype: DType) -> Result<Dtype> {
+    match dtype {
+        DType::F32 => Ok(Dtype::F32),
+        DType::F16 => Ok(Dtype::F16),
+        DType::BF16 => Ok(Dtype::BF16),
+        other => {
+            Err(Error::Dtype { dtype: format!("{other:?}"), expected: "burn logits must be f32, f16 or bf16".into() })
+        }
+    }
 }
 
 /// The 32-bit pattern an i32 target equal to `ignore_index` has (`None`: no i32 equals it).

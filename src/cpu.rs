@@ -35,7 +35,7 @@ use crate::problem::{validate_targets, Dtype, Logits, Options, RowLoss, Targets,
 /// Lanes per block: one AVX-512 register of f32.
 pub(crate) const LANES: usize = 16;
 /// Logits per part of a row when a row is cut: 64k f32 = 256 KiB, comfortably inside L2.
-const PART: usize = 1 << 16;
+pub(crate) const PART: usize = 1 << 16;
 
 /// Scores every row on the CPU.
 ///
@@ -126,13 +126,13 @@ pub(crate) fn score_sequential(logits: Logits<'_>, targets: &[u32]) -> Vec<RowLo
 
 /// How rows are cut into parts: `parts` runs of `len` logits (a multiple of the lane count).
 #[derive(Debug, Clone, Copy)]
-struct PartPlan {
-    parts: usize,
-    len: usize,
+pub(crate) struct PartPlan {
+    pub(crate) parts: usize,
+    pub(crate) len: usize,
 }
 
 impl PartPlan {
-    fn new(vocab: usize, parts: usize) -> PartPlan {
+    pub(crate) fn new(vocab: usize, parts: usize) -> PartPlan {
         let parts = parts.min(vocab.div_ceil(LANES * 64)).max(1);
         let len = vocab.div_ceil(parts).next_multiple_of(LANES);
         PartPlan { parts: vocab.div_ceil(len).max(1), len }
@@ -165,16 +165,16 @@ fn finish_row(logits: Logits<'_>, r: usize, parts: &[Partial], t: u32) -> RowLos
 
 /// The state of a scanned run of logits: max, sum of exp(x - max), first argmax, NaN/+inf seen.
 #[derive(Debug, Clone, Copy)]
-struct Partial {
-    m: f32,
-    s: f64,
-    idx: Option<usize>,
-    bad: bool,
+pub(crate) struct Partial {
+    pub(crate) m: f32,
+    pub(crate) s: f64,
+    pub(crate) idx: Option<usize>,
+    pub(crate) bad: bool,
 }
 
 impl Partial {
     /// Merges two runs, `self` before `other` in the row (ties keep the earlier index).
-    fn merge(self, other: &Partial) -> Partial {
+    pub(crate) fn merge(self, other: &Partial) -> Partial {
         let m = self.m.max(other.m);
         let scale = |p: &Partial| if p.s == 0.0 { 0.0 } else { p.s * f64::from(p.m - m).exp() };
         let idx = if other.m > self.m || self.idx.is_none() { other.idx.or(self.idx) } else { self.idx };
@@ -198,7 +198,7 @@ fn finish(st: Partial, t: u32, x_t: Option<f32>) -> RowLoss {
 }
 
 /// Scans a run of little-endian logits with the best instruction set available.
-fn scan(isa: Isa, dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Partial {
+pub(crate) fn scan(isa: Isa, dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Partial {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::detect` checked these features on this CPU.
@@ -582,7 +582,7 @@ fn scan_generic<const FMA: bool>(dtype: Dtype, bytes: &[u8], ahead: &[u8]) -> Pa
 
 /// IEEE half to single, branch-free so that it vectorises (subnormals, inf and NaN included).
 #[inline(always)]
-fn f16_to_f32(h: u16) -> f32 {
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let h = u32::from(h);
     let sign = (h & 0x8000) << 16;
     let em = h & 0x7fff;

@@ -2,10 +2,13 @@
 """PyTorch peers for the GPU check: F.cross_entropy(reduction='none') eager and under
 torch.compile, timed with CUDA events (median of many after warm-up), on the shapes xent bench
 uses, plus torch's own copy ceiling and an agreement check against xent's per-token output.
+With --train, the loss and its gradient instead: F.cross_entropy (mean, as `xent bench --train`)
+forward and backward() on a leaf tensor of logits, eager and compiled; bytes count 2 reads + 1
+write of the logits, as xent's rows do.
 
 Runs on CUDA when present, else on the CPU (so the script can be tested anywhere).
 Usage: torch_gpu.py --shapes 8192x128256,1x256000 --dtypes f32,bf16 --out results.json
-                    [--agree LOGITS.npy TARGETS.npy XENT_NLL.npy]
+                    [--agree LOGITS.npy TARGETS.npy XENT_NLL.npy] [--kld | --train]
 """
 import argparse
 import json
@@ -59,6 +62,12 @@ def kld(a, b):
     return k, a.argmax(-1), b.argmax(-1)
 
 
+def train_step(x, t):
+    """One training step's loss part, as people write it: forward, then backward() into x.grad."""
+    x.grad = None  # no accumulation into a previous gradient
+    F.cross_entropy(x, t).backward()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="8192x128256")
@@ -68,6 +77,8 @@ def main():
     p.add_argument("--agree", nargs=3, metavar=("LOGITS", "TARGETS", "XENT_NLL"))
     p.add_argument("--kld", action="store_true",
                    help="time per-token KL divergence of two models' logits (kl_div of both log_softmax, plus both argmaxes)")
+    p.add_argument("--train", action="store_true",
+                   help="time F.cross_entropy forward + backward() on a leaf tensor (mean), eager and compiled")
     p.add_argument("--out", required=True)
     a = p.parse_args()
 
@@ -78,7 +89,10 @@ def main():
     if not a.no_compile:
         try:
             # dynamic=True: one compilation per dtype rather than per shape, to fit a short GPU session.
-            compiled = torch.compile(kld if a.kld else (lambda x, t: F.cross_entropy(x, t, reduction="none")), dynamic=True)
+            fn = kld if a.kld else (lambda x, t: F.cross_entropy(x, t, reduction="none"))
+            if a.train:
+                fn = lambda x, t: F.cross_entropy(x, t)  # noqa: E731 - backward() is called on its result
+            compiled = torch.compile(fn, dynamic=True)
         except Exception as e:  # noqa: BLE001 - report and go on without it
             print(f"torch.compile unavailable: {e}", file=sys.stderr)
 
@@ -88,7 +102,16 @@ def main():
             dtype = DTYPES[dname]
             g = torch.Generator(device=device).manual_seed(0)
             x = (torch.randn(rows, vocab, device=device, generator=g) * 2).to(dtype)
-            if a.kld:
+            if a.train:
+                x.requires_grad_()
+                t = torch.randint(0, vocab, (rows,), device=device, generator=g)
+                nbytes = 3 * x.numel() * x.element_size()
+                eager, name = (lambda: train_step(x, t)), "torch fwd+bwd"
+
+                def compiled_step():
+                    x.grad = None
+                    compiled(x, t).backward()
+            elif a.kld:
                 # The test model: the base plus noise 0.01; both inputs are read, so both count.
                 t = (x.float() + 0.01 * torch.randn(rows, vocab, device=device, generator=g)).to(dtype)
                 nbytes = 2 * x.numel() * x.element_size()
@@ -97,8 +120,13 @@ def main():
                 t = torch.randint(0, vocab, (rows,), device=device, generator=g)
                 nbytes = x.numel() * x.element_size()
                 eager, name = (lambda: F.cross_entropy(x, t, reduction="none")), "torch"
-            for path, fn in [(f"{name} eager", eager),
-                             (f"{name}.compile" if a.kld else "torch.compile", (lambda: compiled(x, t)) if compiled else None)]:
+            if a.train:
+                compiled_fn = compiled_step if compiled else None
+                compiled_name = "torch.compile fwd+bwd"
+            else:
+                compiled_fn = (lambda: compiled(x, t)) if compiled else None
+                compiled_name = f"{name}.compile" if a.kld else "torch.compile"
+            for path, fn in [(f"{name} eager", eager), (compiled_name, compiled_fn)]:
                 if fn is None:
                     continue
                 try:

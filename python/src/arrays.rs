@@ -61,15 +61,18 @@ impl Elem {
     }
 }
 
-/// A C-contiguous array in host memory, borrowed from its Python owner (kept alive by `_owner`).
+/// A C-contiguous array in host memory, borrowed from its Python owner (kept alive by `owner`).
 pub struct View<'py> {
     ptr: *const u8,
     pub shape: Vec<usize>,
     pub elem: Elem,
-    _owner: Bound<'py, PyAny>,
+    /// Whether the owner lets its memory be written (numpy's `writeable` flag; DLPack tensors
+    /// are writable by the protocol's contract).
+    pub writable: bool,
+    owner: Bound<'py, PyAny>,
 }
 
-impl View<'_> {
+impl<'py> View<'py> {
     pub fn len(&self) -> usize {
         self.shape.iter().product()
     }
@@ -82,8 +85,34 @@ impl View<'_> {
             return &[];
         }
         // SAFETY: `ptr` points at `len * size` readable bytes of a live, C-contiguous array:
-        // checked when the view was made, and `_owner` keeps the memory alive as long as `self`.
+        // checked when the view was made, and `owner` keeps the memory alive as long as `self`.
         unsafe { std::slice::from_raw_parts(self.ptr, n) }
+    }
+
+    /// The owner: the numpy array (or DLPack capsule) the view borrows.
+    pub fn owner(&self) -> &Bound<'py, PyAny> {
+        &self.owner
+    }
+
+    /// The array's bytes, to be overwritten (the gradient written in place).
+    ///
+    /// # Errors
+    /// `ValueError` when the owner is read-only.
+    #[allow(clippy::mut_from_ref)]
+    pub fn bytes_mut(&self, what: &str) -> PyResult<&mut [u8]> {
+        if !self.writable {
+            return Err(PyValueError::new_err(format!(
+                "{what}: the array is read-only: grad='inplace' writes the gradient over it; pass a writable \
+                 array or grad='separate'"
+            )));
+        }
+        let n = self.len() * self.elem.size();
+        if n == 0 {
+            return Ok(&mut []);
+        }
+        // SAFETY: as `bytes`, and the owner allows writes. The caller holds the only Rust
+        // reference to these bytes while the returned slice lives (each call site takes it once).
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.cast_mut(), n) })
     }
 
     /// The elements as `T` (its size and alignment were checked against `elem` by the caller).
@@ -99,7 +128,7 @@ impl View<'_> {
             )));
         }
         // SAFETY: size and alignment checked just above; the bytes are valid for `len` elements
-        // of a plain-old-data type, kept alive by `_owner`.
+        // of a plain-old-data type, kept alive by `owner`.
         Ok(unsafe { std::slice::from_raw_parts(self.ptr.cast::<T>(), self.len()) })
     }
 }
@@ -167,7 +196,8 @@ fn numpy_view<'py>(a: &Bound<'py, PyUntypedArray>, what: &str) -> PyResult<View<
     }
     // SAFETY: `as_array_ptr` is a live PyArrayObject (we hold a reference); `data` is its first element.
     let ptr = unsafe { (*a.as_array_ptr()).fields.data } as *const u8;
-    Ok(View { ptr, shape: a.shape().to_vec(), elem, _owner: a.clone().into_any() })
+    let writable = a.getattr("flags")?.getattr("writeable")?.extract::<bool>()?;
+    Ok(View { ptr, shape: a.shape().to_vec(), elem, writable, owner: a.clone().into_any() })
 }
 
 // DLPack's C structures (dlpack.h, v0.8 and later: the legacy, unversioned capsule "dltensor").
@@ -285,5 +315,5 @@ fn dlpack_view<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<View<'py>> 
         }
     }
     let data = (t.data as *const u8).wrapping_add(t.byte_offset as usize);
-    Ok(View { ptr: data, shape, elem, _owner: capsule })
+    Ok(View { ptr: data, shape, elem, writable: true, owner: capsule })
 }

@@ -5,6 +5,7 @@
 
 mod arrays;
 mod summaries;
+mod train;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -655,5 +656,7 @@ fn _xent(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(score_files, m)?)?;
     m.add_function(wrap_pyfunction!(kld, m)?)?;
     m.add_function(wrap_pyfunction!(kld_files, m)?)?;
+    m.add_function(wrap_pyfunction!(train::cross_entropy, m)?)?;
+    m.add_function(wrap_pyfunction!(train::_reference_cross_entropy, m)?)?;
     Ok(())
 }

@@ -8,6 +8,8 @@ path, over float32, float16 and bfloat16 logits read in place. The same Rust lib
 - :func:`score_files`: ``xent score`` over .npy / .safetensors shards, in bounded memory.
 - :func:`kld`, :func:`kld_files`: KL divergence of a test model from a base, llama.cpp's statistics.
 - :class:`Summary`, :class:`KldSummary`: exact, mergeable, picklable summaries; :func:`merge`.
+- :func:`cross_entropy`: the training loss (torch's options, z-loss, soft-cap) and its gradient,
+  written over the logits or into a new array.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ._xent import (
     ScoreResult,
     Summary,
     __version__,
+    cross_entropy,
     kld,
     kld_files,
     score,
@@ -34,6 +37,7 @@ __all__ = [
     "ScoreResult",
     "Summary",
     "__version__",
+    "cross_entropy",
     "kld",
     "kld_files",
     "merge",

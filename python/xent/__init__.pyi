@@ -176,6 +176,24 @@ def kld_files(
 ) -> KldSummary:
     """``xent kld`` over files: shards of .npy/.safetensors logits, in bounded memory."""
 
+def cross_entropy(
+    logits: Any,
+    targets: Any,
+    *,
+    weight: npt.ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    grad: Literal["inplace", "separate"] | None = None,
+    device: Device = "auto",
+) -> tuple[float | npt.NDArray[np.float32], Any]:
+    """Training loss (PyTorch's F.cross_entropy, plus z_loss and softcap) and ``d loss / d logits``:
+    ``grad=None`` computes none, ``"inplace"`` writes it over ``logits`` and returns that array,
+    ``"separate"`` returns a new array of the logits' dtype. ``loss`` is a float for ``"mean"`` and
+    ``"sum"``, a float32 array shaped like ``targets`` for ``"none"``."""
+
 @overload
 def merge(summaries: Iterable[Summary]) -> Summary: ...
 @overload

@@ -1,5 +1,6 @@
 //! `xent bench`: the GPU kernel and the CPU paths timed on generated logits, against measured ceilings.
-//! With `--kld`, KL divergence between generated pairs of models' logits instead of cross-entropy.
+//! With `--kld`, KL divergence between generated pairs of models' logits instead of cross-entropy;
+//! with `--train`, the loss and its gradient with respect to the logits (training).
 
 use std::time::Instant;
 
@@ -44,6 +45,11 @@ pub struct BenchArgs {
     /// of 0.01, both of each `--dtype`), with targets; bytes and GB/s count both inputs.
     #[arg(long)]
     kld: bool,
+    /// Time the loss and its gradient (training) instead: in place and into a separate buffer,
+    /// bytes = 2 reads + 1 write of the logits, against the copy bandwidth of a buffer of the
+    /// same size measured in the same run.
+    #[arg(long, conflicts_with = "kld")]
+    train: bool,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -104,6 +110,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         },
     };
     let want_cpu = matches!(a.device, BenchDevice::Cpu | BenchDevice::All) || gpu.is_none();
+    if a.train {
+        return train::run(a, gpu.as_ref(), want_cpu);
+    }
     // KLD reads two inputs of the shape.
     let inputs = if a.kld { 2 } else { 1 };
     let largest = (a.rows.iter().max().copied().unwrap_or(1))
@@ -356,4 +365,231 @@ fn bench_json(c: &Ceilings, rows: &[BenchRow]) -> String {
         num(c.cpu_read / 1e9),
         results.join(",")
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// `--train`: the loss and its gradient.
+// ---------------------------------------------------------------------------------------------
+
+/// `xent bench --train`: one function per path ([`train::cpu_rows`]; a GPU path adds its own
+/// beside it), each row carrying the ceiling it is judged against, measured in the same run.
+mod train {
+    use anyhow::Result;
+    use xent::train::LossOptions;
+    use xent::{Dtype, GpuContext, Logits, Targets};
+
+    use super::{num, time, time_gpu, BenchArgs};
+
+    /// One generated case: logits of one dtype and their targets (2% ignored, as
+    /// [`xent::synth::eval_set`] makes them), default options (mean, as `F.cross_entropy`).
+    pub(super) struct TrainCase<'a> {
+        pub rows: usize,
+        pub vocab: usize,
+        pub dtype: Dtype,
+        pub logits: Logits<'a>,
+        pub targets: &'a [i64],
+        pub opts: LossOptions<'a>,
+        pub iters: usize,
+    }
+
+    impl TrainCase<'_> {
+        /// Bytes one run moves at the floor: the logits read twice (statistics, then gradient)
+        /// and the gradient written once.
+        pub fn bytes(&self) -> u64 {
+            3 * self.logits.bytes().len() as u64
+        }
+    }
+
+    /// One measured path of one case, with its ceiling.
+    pub(super) struct TrainBenchRow {
+        pub rows: usize,
+        pub vocab: usize,
+        pub dtype: Dtype,
+        pub path: &'static str,
+        pub plan: String,
+        pub seconds: f64,
+        /// Bytes counted: 2 reads + 1 write of the logits.
+        pub bytes: u64,
+        /// What the ceiling is, and its bytes per second.
+        pub ceiling: &'static str,
+        pub ceiling_bytes_per_s: f64,
+    }
+
+    impl TrainBenchRow {
+        fn gb_per_s(&self) -> f64 {
+            self.bytes as f64 / self.seconds / 1e9
+        }
+        fn pct(&self) -> f64 {
+            100.0 * (self.bytes as f64 / self.seconds) / self.ceiling_bytes_per_s
+        }
+    }
+
+    /// What the CPU ceiling is.
+    const CPU_COPY: &str = "cpu copy";
+
+    pub(super) fn run(a: &BenchArgs, gpu: Option<&GpuContext>, want_cpu: bool) -> Result<()> {
+        let mut out = Vec::new();
+        // The GPU ceiling, once per run: a device-to-device copy at least as large as the largest
+        // case (at least 256 MiB, several times any L2), read + written bytes per second.
+        let largest =
+            a.rows.iter().max().copied().unwrap_or(1) as u64 * a.vocab.iter().max().copied().unwrap_or(1) as u64 * 4;
+        let gpu_copy = gpu
+            .map(|g| xent::bench::copy_ceiling(g, largest.clamp(256 << 20, 1 << 30) / 2, a.iters))
+            .transpose()?
+            .unwrap_or(f64::NAN);
+        for &dtype in &a.dtype {
+            let dtype: Dtype = dtype.into();
+            for &vocab in &a.vocab {
+                for &rows in &a.rows {
+                    let (x, t) = xent::synth::eval_set(rows, vocab, 7, -100);
+                    let bytes = dtype.encode(&x);
+                    drop(x);
+                    let case = TrainCase {
+                        rows,
+                        vocab,
+                        dtype,
+                        logits: Logits::from_bytes(&bytes, dtype, rows, vocab)?,
+                        targets: &t,
+                        opts: LossOptions::default(),
+                        iters: a.iters,
+                    };
+                    if let Some(ctx) = gpu {
+                        out.extend(gpu_rows(ctx, &case, gpu_copy)?);
+                    }
+                    if want_cpu {
+                        out.extend(cpu_rows(&case)?);
+                    }
+                }
+            }
+        }
+        if a.json {
+            println!("{}", json(&out));
+        } else {
+            print(&out);
+        }
+        Ok(())
+    }
+
+    /// The CPU rows of one case: in place and into a separate buffer
+    /// ([`xent::bench::time_train_cpu`]), against the copy of a buffer of the logits' size on
+    /// every thread, timed in the same run (read + written bytes per second).
+    pub(super) fn cpu_rows(c: &TrainCase<'_>) -> Result<Vec<TrainBenchRow>> {
+        let t = xent::bench::time_train_cpu(c.logits, Targets::I64(c.targets), &c.opts, c.iters)?;
+        let copy = 2.0 * c.logits.bytes().len() as f64 / t.copy;
+        let plan = format!("{} threads, {}", rayon::current_num_threads(), xent::cpu::isa());
+        let row = |path, seconds| TrainBenchRow {
+            rows: c.rows,
+            vocab: c.vocab,
+            dtype: c.dtype,
+            path,
+            plan: plan.clone(),
+            seconds,
+            bytes: c.bytes(),
+            ceiling: CPU_COPY,
+            ceiling_bytes_per_s: copy,
+        };
+        Ok(vec![row("cpu loss+grad in place", t.in_place), row("cpu loss+grad separate", t.separate)])
+    }
+
+    /// What the GPU ceiling is.
+    const GPU_COPY: &str = "gpu copy";
+
+    /// The GPU rows of one case, against the adapter's copy bandwidth measured in the same run
+    /// (`gpu_copy`, read + written bytes per second):
+    /// - "gpu loss+grad in place" / "gpu loss+grad separate": the fused kernel on resident
+    ///   logits rotated over 256 MiB ([`xent::bench::TrainResident`]), device time;
+    /// - "gpu unfused baseline": log-softmax written out, then the gradient from it
+    ///   ([`xent::bench::TrainUnfused`]; f32 that fits one binding);
+    /// - "gpu end-to-end (host)": [`GpuContext::loss_and_grad`] from host memory and back.
+    ///
+    /// Bytes are those of the fused floor (2 reads + 1 write of the logits) on every row, so
+    /// that GB/s compare the same work.
+    pub(super) fn gpu_rows(ctx: &GpuContext, c: &TrainCase<'_>, gpu_copy: f64) -> Result<Vec<TrainBenchRow>> {
+        let up = xent::train::Upstream::Scalar(1.0);
+        let p = xent::train::prepare(c.logits, Targets::I64(c.targets), &c.opts, up)?;
+        let row = |path, plan: String, seconds| TrainBenchRow {
+            rows: c.rows,
+            vocab: c.vocab,
+            dtype: c.dtype,
+            path,
+            plan,
+            seconds,
+            bytes: c.bytes(),
+            ceiling: GPU_COPY,
+            ceiling_bytes_per_s: gpu_copy,
+        };
+        let mut out = Vec::new();
+        let plan = ctx.plan_train(c.rows as u64, c.vocab as u32).to_string();
+        for (in_place, path) in [(true, "gpu loss+grad in place"), (false, "gpu loss+grad separate")] {
+            let resident =
+                xent::bench::TrainResident::rotating(ctx, c.logits, &p.targets, &p.scale, in_place, 256 << 20)?;
+            out.push(row(path, plan.clone(), time_gpu(c.iters, || resident.run())?.best()));
+        }
+        // The baseline has no ignored rows: their targets become class 0.
+        let targets: Vec<u32> = p.targets.iter().map(|&t| if t == xent::IGNORED_TARGET { 0 } else { t }).collect();
+        if let Ok(unfused) = xent::bench::TrainUnfused::new(ctx, c.logits, &targets, &p.scale) {
+            let t = time_gpu(c.iters, || unfused.run())?;
+            out.push(row("gpu unfused baseline", "log_softmax + gradient pass".into(), t.best()));
+        }
+        let mut grad = vec![0u8; c.logits.bytes().len()];
+        let e2e = time(c.iters, || {
+            Ok(ctx.loss_and_grad(c.logits, Targets::I64(c.targets), &c.opts, up, Some(&mut grad))?)
+        })?;
+        out.push(row("gpu end-to-end (host)", format!("ring of {}", xent::RING), e2e));
+        Ok(out)
+    }
+
+    fn print(rows: &[TrainBenchRow]) {
+        println!("xent bench --train (cross-entropy loss + gradient; bytes = 2 reads + 1 write of the logits)");
+        println!(
+            "  ceiling '{CPU_COPY}': memcpy of a buffer of the logits' size, one piece per thread, \
+             read + written bytes per second, median, same run"
+        );
+        if rows.iter().any(|r| r.ceiling == GPU_COPY) {
+            println!(
+                "  ceiling '{GPU_COPY}': device-to-device copy of at least 256 MiB, read + written bytes per second, \
+                 median, same run; gpu kernel rows are device time (timestamps) on resident logits"
+            );
+        }
+        println!(
+            "  {:>6} {:>8} {:>5}  {:<26} {:<22} {:>10} {:>9} {:>12} {:>7}",
+            "rows", "vocab", "dtype", "path", "plan", "ms", "GB/s", "ceiling GB/s", "% ceil"
+        );
+        for r in rows {
+            println!(
+                "  {:>6} {:>8} {:>5}  {:<26} {:<22} {:>10.3} {:>9.2} {:>12.2} {:>6.1}%",
+                r.rows,
+                r.vocab,
+                r.dtype,
+                r.path,
+                r.plan,
+                r.seconds * 1e3,
+                r.gb_per_s(),
+                r.ceiling_bytes_per_s / 1e9,
+                r.pct()
+            );
+        }
+    }
+
+    fn json(rows: &[TrainBenchRow]) -> String {
+        let results: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"rows\":{},\"vocab\":{},\"dtype\":\"{}\",\"path\":\"{}\",\"plan\":\"{}\",\"ms\":{},\"gb_per_s\":{},\"ceiling\":\"{}\",\"ceiling_gb_per_s\":{},\"pct_of_ceiling\":{}}}",
+                    r.rows,
+                    r.vocab,
+                    r.dtype,
+                    r.path,
+                    r.plan,
+                    num(r.seconds * 1e3),
+                    num(r.gb_per_s()),
+                    r.ceiling,
+                    num(r.ceiling_bytes_per_s / 1e9),
+                    num(r.pct())
+                )
+            })
+            .collect();
+        format!("{{\"train\":true,\"bytes\":\"2 reads + 1 write\",\"results\":[{}]}}", results.join(","))
+    }
 }

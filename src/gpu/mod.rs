@@ -2,17 +2,20 @@
 //! device and queue, limits, the pipeline cache, plans, chunking and binding windows.
 //!
 //! A kernel is a WGSL file with one Rust module that plans and encodes it ([`forward`]: the
-//! fused cross-entropy, [`kld`]: the fused KL divergence); both are built on the shared
-//! online-softmax pieces (`shaders/online_softmax.wgsl`) and the reductions
-//! (`shaders/reduce_*.wgsl`). A job is cut into chunks of rows whose inputs, targets and outputs
+//! fused cross-entropy, [`kld`]: the fused KL divergence, [`train`]: the loss and its gradient);
+//! all are built on the shared online-softmax pieces (`shaders/online_softmax.wgsl`) and the
+//! reductions (`shaders/reduce_*.wgsl`). A job is cut into chunks of rows whose inputs, targets and outputs
 //! each fit one storage binding, whose binding offsets respect the adapter's alignment, and whose
 //! workgroup count fits a 2-D dispatch; each chunk is dispatched under a [`Plan`].
 //!
 //! Layers: this module knows nothing of streams or host slices; `crate::stream` (the ring and the
-//! host-slice entry points `score` and `kld`) is built on top of it.
+//! host-slice entry points `score` and `kld`) is built on top of it. The one exception is
+//! [`train`], whose host entry points keep a ring of their own beside its encoder: their results
+//! include a gradient as large as the input, which the per-row results of `Stream` do not fit.
 
 mod forward;
 mod kld;
+mod train;
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -24,6 +27,7 @@ use crate::problem::Dtype;
 
 pub use forward::{EncodeJob, ROW_LOSS_BYTES};
 pub use kld::{KldEncodeJob, KLD_ROW_BYTES};
+pub use train::{ClassWeights, GradOutput, TrainEncodeJob, TRAIN_ROW_BYTES};
 
 /// The WGSL sources, by name. A kernel module is the shared part, the kernel's own file and one
 /// reduction (see [`Kernel::sources`]).
@@ -39,6 +43,14 @@ enum Shader {
     Kld,
     /// The KLD state combined over a subgroup.
     KldSubgroup,
+    /// Loss and gradient: passes 1 and 2, `grad`, `edges`, `sum_weights`.
+    Train,
+    /// The training kernel's bindings with the gradient in a buffer of its own.
+    TrainSeparate,
+    /// The training kernel's bindings with the gradient over the logits.
+    TrainInPlace,
+    /// The training state combined over a subgroup.
+    TrainSubgroup,
     /// `emit` and the `combine` pass for split rows (any kernel, after its own file).
     SplitRows,
     /// Reduction through workgroup memory (any kernel).
@@ -55,6 +67,10 @@ impl Shader {
             Shader::ForwardSubgroup => include_str!("../../shaders/forward_subgroup.wgsl"),
             Shader::Kld => include_str!("../../shaders/kld.wgsl"),
             Shader::KldSubgroup => include_str!("../../shaders/kld_subgroup.wgsl"),
+            Shader::Train => include_str!("../../shaders/train.wgsl"),
+            Shader::TrainSeparate => include_str!("../../shaders/train_separate.wgsl"),
+            Shader::TrainInPlace => include_str!("../../shaders/train_in_place.wgsl"),
+            Shader::TrainSubgroup => include_str!("../../shaders/train_subgroup.wgsl"),
             Shader::SplitRows => include_str!("../../shaders/split_rows.wgsl"),
             Shader::ReduceWorkgroup => include_str!("../../shaders/reduce_workgroup.wgsl"),
             Shader::ReduceSubgroup => include_str!("../../shaders/reduce_subgroup.wgsl"),
@@ -69,33 +85,45 @@ pub(crate) enum Kernel {
     Forward,
     /// KL divergence between two inputs (`shaders/kld.wgsl`).
     Kld,
+    /// Loss and gradient (`shaders/train.wgsl`), the gradient into a buffer of its own (or none).
+    TrainSeparate,
+    /// Loss and gradient, the gradient written over the logits.
+    TrainInPlace,
 }
 
 impl Kernel {
     /// The files of one module, in order.
     fn sources(self, reduction: Reduction) -> Vec<Shader> {
-        let (own, sub) = match self {
-            Kernel::Forward => (Shader::Forward, Shader::ForwardSubgroup),
-            Kernel::Kld => (Shader::Kld, Shader::KldSubgroup),
+        let (own, sub): (&[Shader], Shader) = match self {
+            Kernel::Forward => (&[Shader::Forward], Shader::ForwardSubgroup),
+            Kernel::Kld => (&[Shader::Kld], Shader::KldSubgroup),
+            Kernel::TrainSeparate => (&[Shader::TrainSeparate, Shader::Train], Shader::TrainSubgroup),
+            Kernel::TrainInPlace => (&[Shader::TrainInPlace, Shader::Train], Shader::TrainSubgroup),
         };
+        let mut files = vec![Shader::OnlineSoftmax];
+        files.extend_from_slice(own);
+        files.push(Shader::SplitRows);
         match reduction {
             // The subgroup part is left out: it does not compile without Features::SUBGROUP.
-            Reduction::Workgroup => vec![Shader::OnlineSoftmax, own, Shader::SplitRows, Shader::ReduceWorkgroup],
-            Reduction::Subgroup => vec![Shader::OnlineSoftmax, own, Shader::SplitRows, sub, Shader::ReduceSubgroup],
+            Reduction::Workgroup => files.push(Shader::ReduceWorkgroup),
+            Reduction::Subgroup => files.extend([sub, Shader::ReduceSubgroup]),
         }
+        files
     }
 
     fn name(self) -> &'static str {
         match self {
             Kernel::Forward => "forward",
             Kernel::Kld => "kld",
+            Kernel::TrainSeparate => "train",
+            Kernel::TrainInPlace => "train in place",
         }
     }
 
     /// Logits inputs (sides).
     fn sides(self) -> usize {
         match self {
-            Kernel::Forward => 1,
+            Kernel::Forward | Kernel::TrainSeparate | Kernel::TrainInPlace => 1,
             Kernel::Kld => 2,
         }
     }
@@ -105,13 +133,23 @@ impl Kernel {
         match self {
             Kernel::Forward => ROW_LOSS_BYTES,
             Kernel::Kld => KLD_ROW_BYTES,
+            Kernel::TrainSeparate | Kernel::TrainInPlace => TRAIN_ROW_BYTES,
+        }
+    }
+
+    /// Largest per-row record one binding holds for every row of a chunk: the result, and for
+    /// the training kernel its kept state (one per row, split or not).
+    fn per_row_bytes(self) -> u64 {
+        match self {
+            Kernel::Forward | Kernel::Kld => self.row_bytes(),
+            Kernel::TrainSeparate | Kernel::TrainInPlace => self.row_bytes().max(self.partial_bytes()),
         }
     }
 
     /// Bytes of one partial state of a split row (the shader's `State`).
     fn partial_bytes(self) -> u64 {
         match self {
-            Kernel::Forward => 20,
+            Kernel::Forward | Kernel::TrainSeparate | Kernel::TrainInPlace => 20,
             Kernel::Kld => 56,
         }
     }
@@ -123,6 +161,9 @@ impl Kernel {
         use wgpu::BufferBindingType as B;
         let read = B::Storage { read_only: true };
         let write = B::Storage { read_only: false };
+        if let Kernel::TrainSeparate | Kernel::TrainInPlace = self {
+            return train::layout_entries(self == Kernel::TrainInPlace);
+        }
         let mut entries = vec![
             layout_entry(0, B::Uniform),
             layout_entry(1, read),
@@ -176,6 +217,12 @@ enum Entry {
     Main,
     /// Merging the parts of split rows.
     Combine,
+    /// Training: pass 2 (the gradient) over the parts of split rows.
+    Grad,
+    /// Training: the 16-bit words two rows share.
+    Edges,
+    /// Training: the sum of the class weights.
+    SumWeights,
 }
 
 /// Compile-time choices of a pipeline: one compiled pipeline per distinct key.
@@ -188,6 +235,9 @@ struct PipelineKey {
     rows_per_workgroup: u32,
     reduction: Reduction,
     entry: Entry,
+    /// Options a kernel compiles in or out (the training kernel's `SMOOTHING`, `SOFTCAP`,
+    /// `WEIGHTED`: `train::FEATURE_*`); 0 for the others.
+    features: u32,
 }
 
 /// One kernel's bind group layout and shader modules.
@@ -295,6 +345,8 @@ pub struct GpuContext {
     forward: Modules,
     /// Compiled on first use.
     kld: OnceLock<Modules>,
+    /// The training kernel, gradient separate and in place; compiled on first use.
+    train: [OnceLock<Modules>; 2],
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     /// Bound as `partials` when no row is split (a binding must always be present).
     no_partials: wgpu::Buffer,
@@ -402,6 +454,7 @@ impl GpuContext {
             info,
             forward,
             kld: OnceLock::new(),
+            train: Default::default(),
             pipelines: Mutex::new(HashMap::new()),
             no_partials,
             workgroup_size,
@@ -543,6 +596,8 @@ impl GpuContext {
         match kernel {
             Kernel::Forward => &self.forward,
             Kernel::Kld => self.kld.get_or_init(|| Modules::new(&self.device, Kernel::Kld)),
+            Kernel::TrainSeparate => self.train[0].get_or_init(|| Modules::new(&self.device, Kernel::TrainSeparate)),
+            Kernel::TrainInPlace => self.train[1].get_or_init(|| Modules::new(&self.device, Kernel::TrainInPlace)),
         }
     }
 
@@ -564,15 +619,19 @@ impl GpuContext {
                 let (entry, what) = match key.entry {
                     Entry::Main => ("main", ""),
                     Entry::Combine => ("combine", " combine split rows"),
+                    Entry::Grad => ("grad", " gradient of split rows"),
+                    Entry::Edges => ("edges", " shared 16-bit words"),
+                    Entry::SumWeights => ("sum_weights", " class weight sum"),
                 };
                 let label = format!("xent {}{what}", key.kernel.name());
                 let shape =
                     [("WG_SIZE", f64::from(key.workgroup_size)), ("ROWS_PER_WG", f64::from(key.rows_per_workgroup))];
                 let dtypes: &[(&str, f64)] = match key.kernel {
-                    Kernel::Forward => &[("DTYPE", code(key.dtypes[0]))],
+                    Kernel::Forward | Kernel::TrainSeparate | Kernel::TrainInPlace => &[("DTYPE", code(key.dtypes[0]))],
                     Kernel::Kld => &[("DTYPE_A", code(key.dtypes[0])), ("DTYPE_B", code(key.dtypes[1]))],
                 };
-                let constants: Vec<(&str, f64)> = dtypes.iter().copied().chain(shape).collect();
+                let features = train::feature_constants(key.kernel, key.features);
+                let constants: Vec<(&str, f64)> = dtypes.iter().copied().chain(shape).chain(features).collect();
                 self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(&label),
                     layout: Some(&modules.pipeline_layout),
@@ -598,7 +657,7 @@ impl GpuContext {
         let align = u64::from(self.device.limits().min_storage_buffer_offset_alignment);
         // Worst-case slack a window needs: offset rounded down to `align`, end rounded up to 4.
         let room = self.max_binding.saturating_sub(align + 4);
-        let mut rows = (room / kernel.row_bytes())
+        let mut rows = (room / kernel.per_row_bytes())
             .min(u64::from(MAX_GROUPS_PER_DIM) * u64::from(MAX_GROUPS_PER_DIM))
             .min(u64::from(u32::MAX));
         for &(dtype, row_stride) in sides {
@@ -800,6 +859,7 @@ impl GpuContext {
                 rows_per_workgroup: ch.plan.rows_per_workgroup,
                 reduction: ch.plan.reduction,
                 entry: Entry::Main,
+                features: 0,
             };
             pass.set_pipeline(&self.pipeline(key));
             pass.set_bind_group(0, &bind_group, &[]);

@@ -1,0 +1,763 @@
+//! The fused loss-and-gradient GPU kernel against the f64 reference (`xent::train::reference`):
+//! shapes from 1 to 256000 logits, every dtype, reduction and option alone and together,
+//! all-ignored batches, ±inf / NaN logits, every kernel layout, chunking by small bindings, and
+//! `encode_loss_and_grad` over caller buffers with guard regions around the rows (in place and
+//! into a separate buffer, which give the same bits).
+
+mod common;
+
+use common::{close, gpu, new_gpu, planned_gpus, random_case, small_bindings, to_bytes};
+use proptest::prelude::*;
+use wgpu::util::DeviceExt;
+use xent::train::reference::{cross_entropy, RefOutput};
+use xent::train::{prepare, LossOptions, LossReduction, TrainRow, Upstream};
+use xent::{ClassWeights, Dtype, GpuContext, GradOutput, Logits, Targets, TrainEncodeJob, TRAIN_ROW_BYTES};
+
+/// Relative tolerance of a gradient element: one unit in the last place of the output dtype (the
+/// kernel computes in f32 and rounds once), or f32's error.
+fn grad_rtol(dtype: Dtype) -> f64 {
+    match dtype {
+        Dtype::F32 => 2e-5,
+        Dtype::F16 => 2f64.powi(-10),
+        Dtype::BF16 => 2f64.powi(-7),
+    }
+}
+
+/// Checks per-row results and the gradient (bytes of `dtype`) against the reference. Gradient
+/// elements of row r may be off by `3e-6 · |scale_r| · (largest gradient factor)` absolutely —
+/// f32's rounding of p_j·coef and of the one-hot and smoothing terms — plus `grad_rtol`
+/// relatively. Returns the worst gradient error as a fraction of its tolerance.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    rows: &[TrainRow],
+    loss: f64,
+    grad: Option<&[u8]>,
+    want: &RefOutput,
+    dtype: Dtype,
+    vocab: usize,
+    opts: &LossOptions<'_>,
+    scale: &[f32],
+) -> Result<f64, String> {
+    if rows.len() != want.row_loss.len() {
+        return Err(format!("{} rows, want {}", rows.len(), want.row_loss.len()));
+    }
+    // The reference's values as f32 would hold them (beyond f32's range: infinite).
+    let f = |v: f64| f64::from(v as f32);
+    for (r, got) in rows.iter().enumerate() {
+        if !close(f64::from(got.loss), f(want.row_loss[r]), 2e-5, 2e-5) {
+            return Err(format!("row {r}: loss {} want {}", got.loss, want.row_loss[r]));
+        }
+        if !close(f64::from(got.lse), f(want.lse[r]), 1e-5, 1e-6) {
+            return Err(format!("row {r}: lse {} want {}", got.lse, want.lse[r]));
+        }
+    }
+    if !close(f(loss), f(want.loss), 1e-5, 1e-5) {
+        return Err(format!("reduced loss {loss} want {}", want.loss));
+    }
+    let Some(grad) = grad else { return Ok(0.0) };
+    let g = Logits::from_bytes(grad, dtype, rows.len(), vocab).map_err(|e| e.to_string())?;
+    let wmax = opts.weight.map_or(1.0, |w| w.iter().fold(0f64, |a, &v| a.max(f64::from(v).abs())));
+    let mut worst = 0f64;
+    for (r, &row_scale) in scale.iter().enumerate().take(rows.len()) {
+        let zl = if opts.z_loss > 0.0 { 2.0 * f64::from(opts.z_loss) * want.lse[r].abs() } else { 0.0 };
+        let factor = wmax * (1.0 + f64::from(opts.label_smoothing)) + if zl.is_finite() { zl } else { 0.0 };
+        let atol = 3e-6 * f64::from(row_scale).abs() * factor + if dtype == Dtype::F16 { 6e-8 } else { 0.0 };
+        for j in 0..vocab {
+            let (a, b) = (f64::from(g.get(r, j)), want.grad[r * vocab + j]);
+            if !close(a, f(b), atol, grad_rtol(dtype)) {
+                return Err(format!("row {r} element {j}: gradient {a:e} want {b:e} (atol {atol:e})"));
+            }
+            if a.is_finite() && b.is_finite() {
+                worst = worst.max((a - b).abs() / (atol + grad_rtol(dtype) * b.abs()));
+            }
+        }
+    }
+    Ok(worst)
+}
+
+/// Runs the host entry points on one case — gradient into a separate slice, in place, and none —
+/// and checks them against the reference; in place and separate must give the same bits.
+fn host_case(
+    ctx: &GpuContext,
+    x: &[f32],
+    dtype: Dtype,
+    vocab: usize,
+    t: &[i64],
+    opts: &LossOptions<'_>,
+    up: Upstream<'_>,
+) -> f64 {
+    let bytes = to_bytes(x, dtype);
+    let rows = t.len();
+    let what = format!("{rows} x {vocab} {dtype} {opts:?} {up:?}");
+    let logits = Logits::from_bytes(&bytes, dtype, rows, vocab).unwrap();
+    let want = cross_entropy(logits, Targets::I64(t), opts, up).unwrap();
+    let scale = prepare(logits, Targets::I64(t), opts, up).unwrap().scale;
+    let mut grad = vec![0x5au8; bytes.len()];
+    let got = ctx.loss_and_grad(logits, Targets::I64(t), opts, up, Some(&mut grad)).unwrap();
+    let worst = check(&got.rows, got.loss, Some(&grad), &want, dtype, vocab, opts, &scale)
+        .unwrap_or_else(|m| panic!("{what} ({}): {m}", ctx.plan_train(rows as u64, vocab as u32)));
+    let mut in_place = bytes.clone();
+    let again = ctx.loss_and_grad_in_place(&mut in_place, dtype, vocab, Targets::I64(t), opts, up).unwrap();
+    assert!(in_place == grad, "{what}: in place and separate gradients differ");
+    assert_eq!(bits(&again.rows), bits(&got.rows), "{what}: in place changed the rows");
+    let alone = ctx.loss_and_grad(logits, Targets::I64(t), opts, up, None).unwrap();
+    assert_eq!(bits(&alone.rows), bits(&got.rows), "{what}: the loss alone differs");
+    assert_eq!(got.weight_sum, want.weight_sum);
+    worst
+}
+
+fn bits(rows: &[TrainRow]) -> Vec<(u32, u32)> {
+    rows.iter().map(|r| (r.loss.to_bits(), r.lse.to_bits())).collect()
+}
+
+fn weights(vocab: usize, seed: u64) -> Vec<f32> {
+    let mut rng = xent::synth::Rng::new(seed);
+    (0..vocab).map(|_| 0.25 + 1.5 * rng.below(1000) as f32 / 1000.0).collect()
+}
+
+/// Every option at once.
+fn all_options<'a>(w: &'a [f32], reduction: LossReduction) -> LossOptions<'a> {
+    LossOptions {
+        ignore_index: -100,
+        reduction,
+        weight: Some(w),
+        label_smoothing: 0.1,
+        z_loss: 1e-4,
+        softcap: Some(15.0),
+    }
+}
+
+#[test]
+fn shapes_dtypes_and_reductions() {
+    let Some(ctx) = gpu() else { return };
+    let mut worst = 0f64;
+    for (rows, vocab) in [(5usize, 1usize), (4, 2), (7, 3), (9, 17), (6, 1000), (3, 32_000), (2, 32_001)] {
+        let (x, mut t) = random_case(rows, vocab, (rows * vocab) as u64, 3.0);
+        if rows > 3 {
+            t[2] = -100;
+        }
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            for reduction in [LossReduction::Mean, LossReduction::Sum, LossReduction::None] {
+                let opts = LossOptions { reduction, ..Default::default() };
+                worst = worst.max(host_case(ctx, &x, dtype, vocab, &t, &opts, Upstream::Scalar(1.0)));
+            }
+            let up: Vec<f32> = (0..rows).map(|r| 0.5 - r as f32 * 0.25).collect();
+            let opts = LossOptions { reduction: LossReduction::None, ..Default::default() };
+            worst = worst.max(host_case(ctx, &x, dtype, vocab, &t, &opts, Upstream::PerRow(&up)));
+            let opts = LossOptions { reduction: LossReduction::Mean, ..Default::default() };
+            worst = worst.max(host_case(ctx, &x, dtype, vocab, &t, &opts, Upstream::Scalar(-2.5)));
+        }
+    }
+    eprintln!("worst gradient error: {worst:.3} of the tolerance");
+}
+
+/// Long rows: 128256 (few rows, split over workgroups where the planner splits) and one row of
+/// 256000; odd lengths for the 16-bit types, so rows share words.
+#[test]
+fn long_rows() {
+    let Some(ctx) = gpu() else { return };
+    let w = weights(256_000, 3);
+    for (rows, vocab, dtype) in [
+        (3usize, 128_256usize, Dtype::F32),
+        (3, 128_257, Dtype::BF16),
+        (1, 256_000, Dtype::F32),
+        (1, 255_999, Dtype::F16),
+    ] {
+        let (x, mut t) = random_case(rows, vocab, vocab as u64, 2.0);
+        t[0] = (vocab - 1) as i64;
+        host_case(ctx, &x, dtype, vocab, &t, &LossOptions::default(), Upstream::Scalar(1.0));
+        let opts = all_options(&w[..vocab], LossReduction::Mean);
+        host_case(ctx, &x, dtype, vocab, &t, &opts, Upstream::Scalar(1.0));
+    }
+}
+
+#[test]
+fn every_option_alone_and_together() {
+    let Some(ctx) = gpu() else { return };
+    let mut worst = 0f64;
+    for (rows, vocab) in [(6usize, 17usize), (5, 1001)] {
+        let (x, mut t) = random_case(rows, vocab, vocab as u64 + 7, 4.0);
+        t[1] = 3; // the custom ignore index below
+        t[3] = -100;
+        // The same rows for ignore index 3, where -100 is no valid target.
+        let t3: Vec<i64> = t.iter().map(|&v| if v == -100 { 3 } else { v }).collect();
+        let targets_for = |opts: &LossOptions<'_>| if opts.ignore_index == 3 { t3.clone() } else { t.clone() };
+        let w = weights(vocab, 11);
+        let up: Vec<f32> = (0..rows).map(|r| 1.0 + r as f32).collect();
+        let base = LossOptions::default();
+        let alone = [
+            LossOptions { ignore_index: 3, ..base },
+            LossOptions { weight: Some(&w), ..base },
+            LossOptions { label_smoothing: 0.2, ..base },
+            LossOptions { label_smoothing: 1.0, ..base },
+            LossOptions { z_loss: 1e-3, ..base },
+            LossOptions { softcap: Some(2.5), ..base },
+            LossOptions { weight: Some(&w), label_smoothing: 0.3, ..base },
+        ];
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            for opts in &alone {
+                worst = worst.max(host_case(ctx, &x, dtype, vocab, &targets_for(opts), opts, Upstream::Scalar(1.0)));
+            }
+            for reduction in [LossReduction::Mean, LossReduction::Sum] {
+                let opts = LossOptions { ignore_index: 3, ..all_options(&w, reduction) };
+                worst = worst.max(host_case(ctx, &x, dtype, vocab, &t3, &opts, Upstream::Scalar(0.75)));
+            }
+            let opts = all_options(&w, LossReduction::None);
+            worst = worst.max(host_case(ctx, &x, dtype, vocab, &t, &opts, Upstream::PerRow(&up)));
+        }
+    }
+    eprintln!("worst gradient error: {worst:.3} of the tolerance");
+}
+
+#[test]
+fn all_ignored_batches() {
+    let Some(ctx) = gpu() else { return };
+    let (rows, vocab) = (5usize, 333usize);
+    let (mut x, _) = random_case(rows, vocab, 5, 2.0);
+    x[7] = f32::NAN; // an ignored row holding NaN still gets a zero gradient
+    let t = vec![-100i64; rows];
+    let w = weights(vocab, 5);
+    for dtype in [Dtype::F32, Dtype::BF16] {
+        for opts in [LossOptions::default(), all_options(&w, LossReduction::Mean), all_options(&w, LossReduction::Sum)]
+        {
+            host_case(ctx, &x, dtype, vocab, &t, &opts, Upstream::Scalar(1.0));
+            let bytes = to_bytes(&x, dtype);
+            let mut grad = vec![0xffu8; bytes.len()];
+            let logits = Logits::from_bytes(&bytes, dtype, rows, vocab).unwrap();
+            let out =
+                ctx.loss_and_grad(logits, Targets::I64(&t), &opts, Upstream::Scalar(1.0), Some(&mut grad)).unwrap();
+            assert!(grad.iter().all(|&b| b == 0), "every gradient is +0");
+            assert_eq!(out.weight_sum, 0.0);
+            match opts.reduction {
+                LossReduction::Mean => assert!(out.loss.is_nan(), "mean over no rows is NaN"),
+                _ => assert_eq!(out.loss, 0.0),
+            }
+        }
+    }
+}
+
+/// ±inf and NaN logits (the reference's results, which are torch's), under each option that
+/// changes how they act: a soft-cap maps ±inf to ±cap, smoothing makes a -inf logit's loss
+/// infinite, a zero weight on it with smoothing makes it NaN.
+#[test]
+fn infinities_and_nans() {
+    let Some(ctx) = gpu() else { return };
+    let (inf, nan) = (f32::INFINITY, f32::NAN);
+    #[rustfmt::skip]
+    let cases: Vec<([f32; 5], i64)> = vec![
+        ([3e38, 0.0, -3e38, 1.0, 2.0], 1),
+        ([3e38, 0.0, 1.0, 1.0, 2.0], 0),
+        ([-inf, 0.0, 1.0, -inf, 2.0], 2),
+        ([-inf, 0.0, 1.0, -inf, 2.0], 0),   // the target's logit is -inf: infinite loss
+        ([1.0, nan, 1.0, 1.0, 1.0], 0),     // NaN row
+        ([inf, 0.0, 1.0, 1.0, 1.0], 1),     // +inf row: NaN, as torch
+        ([-inf, -inf, -inf, -inf, -inf], 0),// all -inf: NaN
+        ([1e4, 1e4, 1e4, 1e4, 1e4], 4),
+        ([nan, inf, 0.0, 0.0, 0.0], -100),  // ignored: loss 0, gradient 0
+        ([-3.4028235e38, -inf, -inf, -inf, -inf], 0),
+    ];
+    let x: Vec<f32> = cases.iter().flat_map(|c| c.0).collect();
+    let t: Vec<i64> = cases.iter().map(|c| c.1).collect();
+    let mut w = vec![1.0f32, 0.5, 2.0, 1.0, 1.5];
+    let base = LossOptions { reduction: LossReduction::Sum, ..Default::default() };
+    for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+        let x: Vec<f32> = match dtype {
+            // 3e38 is not an f16: clamp magnitudes to what the type holds.
+            Dtype::F16 => x.iter().map(|v| if v.is_finite() { v.clamp(-6e4, 6e4) } else { *v }).collect(),
+            _ => x.clone(),
+        };
+        for opts in [base, LossOptions { softcap: Some(30.0), ..base }, LossOptions { z_loss: 1e-4, ..base }] {
+            host_case(ctx, &x, dtype, 5, &t, &opts, Upstream::Scalar(1.0));
+        }
+        // Smoothing sums z_j - m over the row: logits of ±3e38 overflow that sum in f32 (as they
+        // overflow torch's f32 log-softmax) where the f64 reference does not; ±1e37 do not.
+        let x: Vec<f32> = x.iter().map(|&v| if v.is_finite() { v.clamp(-1e37, 1e37) } else { v }).collect();
+        host_case(ctx, &x, dtype, 5, &t, &LossOptions { label_smoothing: 0.1, ..base }, Upstream::Scalar(1.0));
+        w[0] = 0.0; // zero weight on the -inf class, with smoothing: 0·inf, NaN in the reference too
+        host_case(
+            ctx,
+            &x,
+            dtype,
+            5,
+            &t,
+            &LossOptions { weight: Some(&w), label_smoothing: 0.1, ..base },
+            Upstream::Scalar(1.0),
+        );
+        w[0] = 1.0;
+    }
+    // Spot checks of what the cases mean, in f32.
+    let bytes = to_bytes(&x, Dtype::F32);
+    let logits = Logits::from_bytes(&bytes, Dtype::F32, t.len(), 5).unwrap();
+    let mut grad = vec![0u8; bytes.len()];
+    let out = ctx.loss_and_grad(logits, Targets::I64(&t), &base, Upstream::Scalar(1.0), Some(&mut grad)).unwrap();
+    let g: &[f32] = bytemuck::cast_slice(&grad);
+    assert_eq!(out.rows[3].loss, f32::INFINITY);
+    assert!((g[15] + 1.0).abs() < 1e-6, "the -inf target's gradient is p - 1 = -1");
+    assert!(out.rows[4].loss.is_nan() && out.rows[5].loss.is_nan() && out.rows[6].loss.is_nan());
+    assert!(g[20..35].iter().all(|v| v.is_nan()), "broken rows have NaN gradients");
+    assert_eq!(out.rows[8].loss, 0.0);
+    assert!(out.rows[8].lse.is_nan());
+    assert!(g[40..45].iter().all(|&v| v == 0.0), "an ignored row's gradient is 0, NaN or not");
+    assert!(out.loss.is_nan(), "a sum over NaN rows is NaN");
+}
+
+/// Every kernel layout (each reduction, several rows per workgroup, rows split over workgroups),
+/// with 16-bit rows sharing words inside a workgroup, across workgroups and across split parts.
+#[test]
+fn every_plan() {
+    if gpu().is_none() {
+        return;
+    }
+    let w = weights(4099, 2);
+    for (_, ctx) in planned_gpus() {
+        for (rows, vocab) in [(9usize, 33usize), (5, 4099)] {
+            let (x, mut t) = random_case(rows, vocab, vocab as u64, 3.0);
+            t[rows - 1] = -100;
+            for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+                host_case(ctx, &x, dtype, vocab, &t, &LossOptions::default(), Upstream::Scalar(1.0));
+            }
+            host_case(
+                ctx,
+                &x,
+                Dtype::BF16,
+                vocab,
+                &t,
+                &all_options(&w[..vocab], LossReduction::Mean),
+                Upstream::Scalar(1.0),
+            );
+        }
+    }
+}
+
+/// Tiny bindings force many chunks: rows that straddle alignment boundaries, 16-bit words shared
+/// by the last row of one chunk and the first of the next, windows starting mid-row-pair.
+#[test]
+fn chunked_by_small_bindings() {
+    for plan in [None, Some(xent::Plan { reduction: xent::Reduction::Workgroup, rows_per_workgroup: 1, split: 3 })] {
+        let Some(mut ctx) = new_gpu() else { return };
+        small_bindings(&mut ctx);
+        ctx.force_plan(plan);
+        let w = weights(1000, 4);
+        for (rows, vocab) in [(41usize, 301usize), (17, 1000), (900, 7)] {
+            let (x, mut t) = random_case(rows, vocab, rows as u64, 2.0);
+            t[rows / 2] = -100;
+            for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+                let chunk = ctx.rows_per_chunk_train(dtype, vocab as u64).unwrap();
+                assert!((rows as u64) > 2 * chunk, "{rows} x {vocab} {dtype}: chunks of {chunk} rows");
+                host_case(&ctx, &x, dtype, vocab, &t, &LossOptions::default(), Upstream::Scalar(1.0));
+                host_case(
+                    &ctx,
+                    &x,
+                    dtype,
+                    vocab,
+                    &t,
+                    &all_options(&w[..vocab], LossReduction::Sum),
+                    Upstream::Scalar(1.0),
+                );
+            }
+        }
+        // A row larger than a binding is an error, not a wrong answer.
+        let x = vec![0f32; 2000];
+        let e = ctx
+            .loss_and_grad(
+                Logits::f32(&x, 2000).unwrap(),
+                Targets::I64(&[0]),
+                &LossOptions::default(),
+                Upstream::Scalar(1.0),
+                None,
+            )
+            .unwrap_err();
+        assert!(matches!(e, xent::Error::Shape(_)), "{e}");
+    }
+}
+
+// ---- encode over caller buffers ----
+
+/// Bytes outside every row of a layout, which no run may change.
+const GUARD: u8 = 0xa5;
+
+/// Builds a buffer of `dtype` elements: `lead` guard elements, then `rows` rows of `vocab` from
+/// `x` every `stride` elements (guards between), then `trail` guard elements.
+fn laid_out(x: &[f32], dtype: Dtype, rows: usize, vocab: usize, lead: usize, stride: usize, trail: usize) -> Vec<u8> {
+    let es = dtype.size();
+    let len = (lead + (rows - 1) * stride + vocab + trail) * es;
+    let mut bytes = vec![GUARD; len.next_multiple_of(4)];
+    for r in 0..rows {
+        let row = to_bytes(&x[r * vocab..(r + 1) * vocab], dtype);
+        let at = (lead + r * stride) * es;
+        bytes[at..at + row.len()].copy_from_slice(&row);
+    }
+    bytes
+}
+
+/// Splits a laid-out buffer into its dense rows and everything else.
+fn rows_and_guards(
+    bytes: &[u8],
+    dtype: Dtype,
+    rows: usize,
+    vocab: usize,
+    lead: usize,
+    stride: usize,
+) -> (Vec<u8>, Vec<u8>) {
+    let es = dtype.size();
+    let (mut dense, mut rest) = (Vec::new(), Vec::new());
+    let mut at = 0;
+    for r in 0..rows {
+        let start = (lead + r * stride) * es;
+        rest.extend_from_slice(&bytes[at..start]);
+        dense.extend_from_slice(&bytes[start..start + vocab * es]);
+        at = start + vocab * es;
+    }
+    rest.extend_from_slice(&bytes[at..]);
+    (dense, rest)
+}
+
+struct Layout {
+    lead: usize,
+    stride_pad: usize,
+    trail: usize,
+}
+
+/// One encode job over caller buffers with guard regions everywhere: logits (lead, padded or
+/// dense stride, trail), targets, scales, weights and results at offsets, and — in place or into
+/// a separate buffer of another stride — the gradient. Checks the guards and the reference, and
+/// returns the gradient's dense bytes and the rows.
+#[allow(clippy::too_many_arguments)]
+fn encode_case(
+    ctx: &GpuContext,
+    x: &[f32],
+    dtype: Dtype,
+    vocab: usize,
+    t: &[i64],
+    opts: &LossOptions<'_>,
+    layout: &Layout,
+    in_place: bool,
+) -> (Vec<u8>, Vec<TrainRow>) {
+    let rows = t.len();
+    let device = ctx.device();
+    let what = format!("{rows} x {vocab} {dtype} lead {} pad {} in place {in_place}", layout.lead, layout.stride_pad);
+    let stride = vocab + layout.stride_pad;
+    let x_bytes = laid_out(x, dtype, rows, vocab, layout.lead, stride, layout.trail);
+    let dense = to_bytes(x, dtype);
+    let logits = Logits::from_bytes(&dense, dtype, rows, vocab).unwrap();
+    let p = prepare(logits, Targets::I64(t), opts, Upstream::Scalar(1.0)).unwrap();
+    let want = cross_entropy(logits, Targets::I64(t), opts, Upstream::Scalar(1.0)).unwrap();
+    use wgpu::BufferUsages as U;
+    let make = |label: &str, bytes: &[u8]| {
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytes,
+            usage: U::STORAGE | U::COPY_SRC,
+        })
+    };
+    let read = |buf: &wgpu::Buffer| {
+        let size = buf.size();
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("test read"),
+            size,
+            usage: U::MAP_READ | U::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buf, 0, &staging, 0, size);
+        ctx.queue().submit([encoder.finish()]);
+        let mut out = vec![0u8; size as usize];
+        xent::read_buffer(device, &staging, size, &mut out).unwrap();
+        out
+    };
+    let logits_buf = make("test logits", &x_bytes);
+    // Per-row inputs and results after three guard records.
+    let pad = |bytes: &[u8], unit: usize| [vec![GUARD; 3 * unit], bytes.to_vec(), vec![GUARD; 2 * unit]].concat();
+    let targets_buf = make("test targets", &pad(bytemuck::cast_slice(&p.targets), 4));
+    let scale_buf = make("test scale", &pad(bytemuck::cast_slice(&p.scale), 4));
+    let weight_buf = opts.weight.map(|w| make("test weights", &pad(bytemuck::cast_slice(w), 4)));
+    let out_buf = make("test output", &vec![GUARD; (rows + 5) * 8]);
+    // A separate gradient: its own lead (same element parity) and a stride 2 longer.
+    let (g_lead, g_stride) = (layout.lead + 6, stride + 2);
+    let grad_buf = make("test gradient", &laid_out(&vec![0.0; rows * vocab], dtype, rows, vocab, g_lead, g_stride, 3));
+    let grad_guard_before = rows_and_guards(&read(&grad_buf), dtype, rows, vocab, g_lead, g_stride).1;
+    let es = dtype.size() as u64;
+    let job = TrainEncodeJob {
+        logits: &logits_buf,
+        logits_offset: layout.lead as u64 * es,
+        dtype,
+        row_stride: stride as u64,
+        rows: rows as u64,
+        vocab: vocab as u32,
+        targets: &targets_buf,
+        targets_offset: 12,
+        ignore: None,
+        scale: &scale_buf,
+        scale_offset: 12,
+        weight: weight_buf.as_ref().map(|buffer| ClassWeights { buffer, offset: 12 }),
+        label_smoothing: opts.label_smoothing,
+        z_loss: opts.z_loss,
+        softcap: opts.softcap,
+        output: &out_buf,
+        output_offset: 3 * TRAIN_ROW_BYTES,
+        grad: if in_place {
+            GradOutput::InPlace
+        } else {
+            GradOutput::Buffer { buffer: &grad_buf, offset: g_lead as u64 * es, row_stride: g_stride as u64 }
+        },
+    };
+    let mut encoder = device.create_command_encoder(&Default::default());
+    ctx.encode_loss_and_grad(&mut encoder, &job).unwrap_or_else(|e| panic!("{what}: {e}"));
+    ctx.queue().submit([encoder.finish()]);
+    let out = read(&out_buf);
+    assert!(
+        out[..24].iter().chain(&out[24 + rows * 8..]).all(|&b| b == GUARD),
+        "{what}: results written outside the rows"
+    );
+    let got: Vec<TrainRow> = bytemuck::pod_collect_to_vec(&out[24..24 + rows * 8]);
+    let (x_after_dense, x_after_guards) = rows_and_guards(&read(&logits_buf), dtype, rows, vocab, layout.lead, stride);
+    let x_guards = rows_and_guards(&x_bytes, dtype, rows, vocab, layout.lead, stride).1;
+    assert!(x_after_guards == x_guards, "{what}: bytes outside the logits rows changed");
+    let grad = if in_place {
+        x_after_dense
+    } else {
+        assert!(x_after_dense == dense, "{what}: the logits changed");
+        let (g, guards) = rows_and_guards(&read(&grad_buf), dtype, rows, vocab, g_lead, g_stride);
+        assert!(guards == grad_guard_before, "{what}: bytes outside the gradient rows changed");
+        g
+    };
+    let loss = xent::train::reduce(&got, opts.reduction, p.weight_sum);
+    check(&got, loss, Some(&grad), &want, dtype, vocab, opts, &p.scale).unwrap_or_else(|m| panic!("{what}: {m}"));
+    ctx.check_device_errors().unwrap();
+    (grad, got)
+}
+
+fn encode_layouts(ctx: &GpuContext) {
+    let w = weights(301, 9);
+    for (rows, vocab) in [(6usize, 301usize), (5, 64)] {
+        let (x, mut t) = random_case(rows, vocab, 13, 3.0);
+        t[2] = -100;
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            for layout in [
+                Layout { lead: 0, stride_pad: 0, trail: 0 },
+                Layout { lead: 3, stride_pad: 0, trail: 1 },
+                Layout { lead: 1, stride_pad: 3, trail: 2 },
+            ] {
+                for opts in [LossOptions::default(), all_options(&w[..vocab], LossReduction::Sum)] {
+                    let a = encode_case(ctx, &x, dtype, vocab, &t, &opts, &layout, true);
+                    let b = encode_case(ctx, &x, dtype, vocab, &t, &opts, &layout, false);
+                    assert!(a.0 == b.0, "{rows} x {vocab} {dtype}: in place and separate gradients differ");
+                    assert_eq!(bits(&a.1), bits(&b.1));
+                }
+            }
+        }
+    }
+}
+
+/// `encode_loss_and_grad` over caller buffers: offsets, padded and dense strides, odd element
+/// offsets for 16-bit types, under every kernel layout and with many chunks; nothing outside the
+/// rows changes, in place or not, and both give the same bits.
+#[test]
+fn encode_with_guard_regions() {
+    if gpu().is_none() {
+        return;
+    }
+    for (_, ctx) in planned_gpus().iter().step_by(2) {
+        encode_layouts(ctx);
+    }
+    let mut small = new_gpu().unwrap();
+    small_bindings(&mut small);
+    encode_layouts(&small);
+}
+
+#[test]
+fn encode_rejects_bad_jobs() {
+    let Some(ctx) = gpu() else { return };
+    let device = ctx.device();
+    let make = |size, usage| {
+        device.create_buffer(&wgpu::BufferDescriptor { label: None, size, usage, mapped_at_creation: false })
+    };
+    let storage = wgpu::BufferUsages::STORAGE;
+    let logits = make(400, storage);
+    let targets = make(16, storage);
+    let scale = make(16, storage);
+    let out = make(32, storage);
+    let grad = make(400, storage);
+    let not_storage = make(16, wgpu::BufferUsages::COPY_DST);
+    let job = TrainEncodeJob {
+        logits: &logits,
+        logits_offset: 0,
+        dtype: Dtype::F32,
+        row_stride: 25,
+        rows: 4,
+        vocab: 25,
+        targets: &targets,
+        targets_offset: 0,
+        ignore: None,
+        scale: &scale,
+        scale_offset: 0,
+        weight: None,
+        label_smoothing: 0.0,
+        z_loss: 0.0,
+        softcap: None,
+        output: &out,
+        output_offset: 0,
+        grad: GradOutput::InPlace,
+    };
+    let mut encoder = device.create_command_encoder(&Default::default());
+    ctx.encode_loss_and_grad(&mut encoder, &job).unwrap();
+    let separate = GradOutput::Buffer { buffer: &grad, offset: 0, row_stride: 25 };
+    ctx.encode_loss_and_grad(&mut encoder, &TrainEncodeJob { grad: separate, ..job }).unwrap();
+    ctx.encode_loss_and_grad(&mut encoder, &TrainEncodeJob { grad: GradOutput::None, ..job }).unwrap();
+    use xent::Error as E;
+    let f16 = TrainEncodeJob { dtype: Dtype::F16, row_stride: 49, vocab: 49, ..job };
+    type IsExpected = fn(&E) -> bool;
+    let cases: Vec<(TrainEncodeJob<'_>, IsExpected)> = vec![
+        (TrainEncodeJob { rows: 5, ..job }, |e| matches!(e, E::Buffer(_))),
+        (TrainEncodeJob { row_stride: 26, ..job }, |e| matches!(e, E::Buffer(_))),
+        (TrainEncodeJob { row_stride: 20, ..job }, |e| matches!(e, E::Shape(_))),
+        (TrainEncodeJob { vocab: 0, ..job }, |e| matches!(e, E::Shape(_))),
+        (TrainEncodeJob { output_offset: 4, ..job }, |e| matches!(e, E::Buffer(_))),
+        (TrainEncodeJob { targets_offset: 2, ..job }, |e| matches!(e, E::Buffer(_))),
+        (TrainEncodeJob { logits_offset: 2, rows: 3, ..job }, |e| matches!(e, E::Buffer(_))),
+        (TrainEncodeJob { label_smoothing: 1.5, ..job }, |e| matches!(e, E::Argument(_))),
+        (TrainEncodeJob { z_loss: -1.0, ..job }, |e| matches!(e, E::Argument(_))),
+        (TrainEncodeJob { softcap: Some(0.0), ..job }, |e| matches!(e, E::Argument(_))),
+        (TrainEncodeJob { output: &logits, ..job }, |e| matches!(e, E::Buffer(_))),
+        (TrainEncodeJob { targets: &logits, ..job }, |e| matches!(e, E::Buffer(_))),
+        (TrainEncodeJob { grad: GradOutput::Buffer { buffer: &logits, offset: 0, row_stride: 25 }, ..job }, |e| {
+            matches!(e, E::Buffer(_))
+        }),
+        (TrainEncodeJob { grad: GradOutput::Buffer { buffer: &out, offset: 0, row_stride: 25 }, ..job }, |e| {
+            matches!(e, E::Buffer(_))
+        }),
+        (TrainEncodeJob { grad: GradOutput::Buffer { buffer: &grad, offset: 0, row_stride: 30 }, ..job }, |e| {
+            matches!(e, E::Buffer(_))
+        }),
+        // 16-bit gradients with another element parity than the logits.
+        (TrainEncodeJob { grad: GradOutput::Buffer { buffer: &grad, offset: 2, row_stride: 49 }, ..f16 }, |e| {
+            matches!(e, E::Buffer(_))
+        }),
+        (TrainEncodeJob { grad: GradOutput::Buffer { buffer: &grad, offset: 0, row_stride: 50 }, ..f16 }, |e| {
+            matches!(e, E::Buffer(_))
+        }),
+        (TrainEncodeJob { rows: u64::MAX / 2, row_stride: u64::from(u32::MAX), ..job }, |e| matches!(e, E::Buffer(_))),
+        (TrainEncodeJob { scale: &not_storage, ..job }, |e| matches!(e, E::Buffer(_))),
+    ];
+    for (i, (bad, is)) in cases.iter().enumerate() {
+        match ctx.encode_loss_and_grad(&mut encoder, bad) {
+            Err(e) => assert!(is(&e), "case {i}: unexpected error {e}"),
+            Ok(()) => panic!("case {i} was accepted"),
+        }
+    }
+    let weight = make(112, storage);
+    let w = ClassWeights { buffer: &weight, offset: 0 };
+    ctx.encode_loss_and_grad(&mut encoder, &TrainEncodeJob { weight: Some(w), ..job }).unwrap();
+    assert!(ctx
+        .encode_loss_and_grad(&mut encoder, &TrainEncodeJob { weight: Some(ClassWeights { offset: 16, ..w }), ..job })
+        .is_err());
+    let e = ctx.encode_loss_and_grad(
+        &mut encoder,
+        &TrainEncodeJob { weight: Some(ClassWeights { buffer: &logits, offset: 0 }), ..job },
+    );
+    assert!(matches!(e, Err(E::Buffer(_))));
+    // The host entry points check the gradient's length and the options.
+    let x = vec![0f32; 20];
+    let l = Logits::f32(&x, 10).unwrap();
+    let mut short = vec![0u8; 79];
+    let e =
+        ctx.loss_and_grad(l, Targets::I64(&[0, 1]), &LossOptions::default(), Upstream::Scalar(1.0), Some(&mut short));
+    assert!(matches!(e, Err(E::Shape(_))));
+    let e = ctx.loss_and_grad(l, Targets::I64(&[0, 10]), &LossOptions::default(), Upstream::Scalar(1.0), None);
+    assert!(matches!(e, Err(E::TargetOutOfRange { row: 1, .. })));
+    let mut odd = vec![0u8; 78];
+    let e = ctx.loss_and_grad_in_place(
+        &mut odd,
+        Dtype::F32,
+        10,
+        Targets::I64(&[0]),
+        &LossOptions::default(),
+        Upstream::Scalar(1.0),
+    );
+    assert!(matches!(e, Err(E::Shape(_))));
+}
+
+/// The benchmark helpers measure what they claim: the resident fused kernel (in place and
+/// separate) and the unfused baseline agree with the reference.
+#[test]
+fn bench_paths_agree_with_reference() {
+    let Some(ctx) = gpu() else { return };
+    let (rows, vocab) = (9usize, 5003usize);
+    let (x, t) = random_case(rows, vocab, 31, 3.0);
+    let logits = Logits::f32(&x, vocab).unwrap();
+    let opts = LossOptions { reduction: LossReduction::Sum, ..Default::default() };
+    let want = cross_entropy(logits, Targets::I64(&t), &opts, Upstream::Scalar(1.0)).unwrap();
+    let p = prepare(logits, Targets::I64(&t), &opts, Upstream::Scalar(1.0)).unwrap();
+    for in_place in [true, false] {
+        let resident = xent::bench::TrainResident::rotating(ctx, logits, &p.targets, &p.scale, in_place, 0).unwrap();
+        assert!(resident.run().unwrap().wall > 0.0);
+        let rows_out = resident.results().unwrap();
+        let loss = xent::train::reduce(&rows_out, opts.reduction, p.weight_sum);
+        check(&rows_out, loss, Some(&resident.gradient().unwrap()), &want, Dtype::F32, vocab, &opts, &p.scale).unwrap();
+    }
+    let unfused = xent::bench::TrainUnfused::new(ctx, logits, &p.targets, &p.scale).unwrap();
+    unfused.run().unwrap();
+    let (loss, grad) = unfused.results().unwrap();
+    for r in 0..rows {
+        assert!(close(f64::from(loss[r]), want.row_loss[r], 1e-5, 1e-5), "row {r}");
+        for j in 0..vocab {
+            let (a, b) = (f64::from(grad[r * vocab + j]), want.grad[r * vocab + j]);
+            assert!(close(a, b, 1e-6, 1e-4), "row {r} element {j}: {a} vs {b}");
+        }
+    }
+}
+
+/// Every layout gives the same bits when run again.
+#[test]
+fn repeated_runs_are_bit_identical() {
+    if gpu().is_none() {
+        return;
+    }
+    let (x, t) = random_case(3, 50_257, 8, 4.0);
+    let w = weights(50_257, 8);
+    let opts = all_options(&w, LossReduction::Mean);
+    let logits = Logits::f32(&x, 50_257).unwrap();
+    for (plan, ctx) in planned_gpus().iter().step_by(3) {
+        let run = || {
+            let mut g = vec![0u8; x.len() * 4];
+            let out = ctx.loss_and_grad(logits, Targets::I64(&t), &opts, Upstream::Scalar(1.0), Some(&mut g)).unwrap();
+            (bits(&out.rows), g)
+        };
+        let a = run();
+        assert!(a == run(), "{plan:?}: two runs differ");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 24,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_0012),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Random shapes, dtypes, options and layouts.
+    #[test]
+    fn matches_reference(vocab in prop_oneof![1usize..40, 40usize..3000, Just(4099), Just(32_003)],
+                         rows in 1usize..12, seed in any::<u64>(),
+                         dtype in prop_oneof![Just(Dtype::F32), Just(Dtype::F16), Just(Dtype::BF16)],
+                         plan in 0usize..9, options in 0u32..32,
+                         reduction in prop_oneof![Just(LossReduction::Mean), Just(LossReduction::Sum),
+                                                  Just(LossReduction::None)]) {
+        if gpu().is_none() { return Ok(()); }
+        let (x, mut t) = random_case(rows, vocab, seed, 4.0);
+        if rows > 2 { t[seed as usize % rows] = -100; }
+        let w = weights(vocab, seed);
+        let opts = LossOptions {
+            ignore_index: -100,
+            reduction,
+            weight: (options & 1 != 0).then_some(&w[..]),
+            label_smoothing: if options & 2 != 0 { 0.15 } else { 0.0 },
+            z_loss: if options & 4 != 0 { 2e-4 } else { 0.0 },
+            softcap: (options & 8 != 0).then_some(7.5),
+        };
+        let up = if options & 16 != 0 { -0.5 } else { 1.0 };
+        let (_, ctx) = &planned_gpus()[plan % planned_gpus().len()];
+        host_case(ctx, &x, dtype, vocab, &t, &opts, Upstream::Scalar(up));
+    }
+}
