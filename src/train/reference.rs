@@ -73,14 +73,14 @@ pub fn cross_entropy(
         });
         let g = if opts.reduction == LossReduction::Mean { go / p.weight_sum } else { go };
         let coef = (1.0 - eps) * w(t) + eps / v as f64 * p.weight_total + 2.0 * c * lse;
-        for j in 0..v {
-            let pj = (z[j] - lse).exp();
+        for (j, &zj) in z.iter().enumerate() {
+            let pj = (zj - lse).exp();
             let mut dz = pj * coef - eps / v as f64 * w(j);
             if j == t {
                 dz -= (1.0 - eps) * w(t);
             }
             let dx = match opts.softcap {
-                Some(cap) => dz * (1.0 - (z[j] / f64::from(cap)).powi(2)),
+                Some(cap) => dz * (1.0 - (zj / f64::from(cap)).powi(2)),
                 None => dz,
             };
             out.grad[r * v + j] = g * dx;
