@@ -632,16 +632,27 @@ impl<'c> KldUnfused<'c> {
 // GPU loss and gradient (issue 12): the fused kernel on resident rows, and its unfused baseline.
 // ---------------------------------------------------------------------------------------------
 
-/// A storage buffer holding `bytes` (padded to 16), readable back by a copy.
-fn upload_readable(ctx: &GpuContext, label: &str, bytes: &[u8]) -> wgpu::Buffer {
-    use wgpu::util::DeviceExt;
-    let mut padded = bytes.to_vec();
-    padded.resize(bytes.len().next_multiple_of(16).max(16), 0);
-    ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some(label),
-        contents: &padded,
-        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-    })
+/// A storage buffer holding `bytes` (padded to 16), readable back by a copy: [`upload`] with
+/// `COPY_SRC` (checked against the largest buffer, written in 64 MiB pieces).
+fn upload_readable(ctx: &GpuContext, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
+    let size = (bytes.len() as u64).next_multiple_of(16).max(16);
+    if size > ctx.device().limits().max_buffer_size {
+        return Err(Error::Shape(format!(
+            "{size} bytes exceed this device's largest buffer ({} bytes)",
+            ctx.device().limits().max_buffer_size
+        )));
+    }
+    use wgpu::BufferUsages as U;
+    let buf = buffer(ctx, label, size, U::STORAGE | U::COPY_DST | U::COPY_SRC);
+    const PIECE: usize = 64 << 20;
+    for (i, piece) in bytes.chunks(PIECE).enumerate() {
+        let mut padded = piece.to_vec();
+        padded.resize(piece.len().next_multiple_of(4), 0);
+        ctx.queue().write_buffer(&buf, (i * PIECE) as u64, &padded);
+        ctx.queue().submit([]);
+    }
+    ctx.device().poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
+    Ok(buf)
 }
 
 /// Copies `size` bytes of `src` out through a staging buffer.
@@ -706,15 +717,17 @@ impl<'c> TrainResident<'c> {
         }
         let bytes = (logits.bytes().len() as u64).max(1);
         let n = min_total_bytes.div_ceil(bytes).clamp(1, 16);
-        let copies = (0..n).map(|_| upload_readable(ctx, "xent train resident logits", logits.bytes())).collect();
+        let copies = (0..n)
+            .map(|_| upload_readable(ctx, "xent train resident logits", logits.bytes()))
+            .collect::<Result<_>>()?;
         let rows = logits.rows() as u64;
         use wgpu::BufferUsages as U;
         Ok(TrainResident {
             ctx,
             copies,
             next: std::cell::Cell::new(0),
-            targets: upload_readable(ctx, "xent train resident targets", bytemuck::cast_slice(targets)),
-            scale: upload_readable(ctx, "xent train resident scale", bytemuck::cast_slice(scale)),
+            targets: upload_readable(ctx, "xent train resident targets", bytemuck::cast_slice(targets))?,
+            scale: upload_readable(ctx, "xent train resident scale", bytemuck::cast_slice(scale))?,
             output: buffer(ctx, "xent train resident output", rows * TRAIN_ROW_BYTES, U::STORAGE | U::COPY_SRC),
             grad: (!in_place).then(|| buffer(ctx, "xent train resident gradient", bytes, U::STORAGE | U::COPY_SRC)),
             rows,
@@ -841,10 +854,10 @@ impl<'c> TrainUnfused<'c> {
         let rows = logits.rows() as u32;
         let params = buffer(ctx, "xent unfused train params", 16, U::UNIFORM | U::COPY_DST);
         ctx.queue().write_buffer(&params, 0, bytemuck::cast_slice(&[rows, logits.vocab() as u32, 0, 0]));
-        let x = upload_readable(ctx, "xent unfused train logits", logits.bytes());
+        let x = upload_readable(ctx, "xent unfused train logits", logits.bytes())?;
         let logprobs = buffer(ctx, "xent unfused train logprobs", bytes, U::STORAGE);
-        let t = upload_readable(ctx, "xent unfused train targets", bytemuck::cast_slice(targets));
-        let s = upload_readable(ctx, "xent unfused train scale", bytemuck::cast_slice(scale));
+        let t = upload_readable(ctx, "xent unfused train targets", bytemuck::cast_slice(targets))?;
+        let s = upload_readable(ctx, "xent unfused train scale", bytemuck::cast_slice(scale))?;
         let grad = buffer(ctx, "xent unfused train gradient", bytes, U::STORAGE | U::COPY_SRC);
         let loss = buffer(ctx, "xent unfused train loss", u64::from(rows) * 4, U::STORAGE | U::COPY_SRC);
         let softmax_group = ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {

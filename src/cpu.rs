@@ -380,9 +380,9 @@ pub(crate) mod x86 {
     }
 
     /// +inf's bit pattern in bf16: the largest non-NaN magnitude.
-    pub(super) const BF16_INF: i16 = 0x7f80;
+    pub(crate) const BF16_INF: i16 = 0x7f80;
     /// +inf's bit pattern in IEEE half.
-    pub(super) const F16_INF: i16 = 0x7c00;
+    pub(crate) const F16_INF: i16 = 0x7c00;
 
     /// Pass 1 for 16-bit floats (bf16 or IEEE half, `INF` being +inf's pattern) on AVX-512BW, on
     /// the raw patterns, 32 at a time: the same results as [`super::max_pass`] over the first
@@ -396,7 +396,7 @@ pub(crate) mod x86 {
     /// `decode` turns a pattern into f32.
     #[target_feature(enable = "avx512f,avx512bw")]
     #[inline]
-    pub(super) unsafe fn half_max_pass_avx512<const INF: i16>(
+    pub(crate) unsafe fn half_max_pass_avx512<const INF: i16>(
         bytes: &[u8],
         full: usize,
         decode: impl Fn(u16) -> f32,
@@ -655,13 +655,13 @@ const BLOCK: usize = 64;
 
 /// What pass 1 learns of the first `full` vectors of a run.
 #[derive(Debug, Clone, Copy)]
-struct Pass1 {
+pub(crate) struct Pass1 {
     /// The max, NaN skipped.
-    max: f32,
+    pub(crate) max: f32,
     /// No value is below this (-inf where the pass does not track it).
-    lowest: f32,
+    pub(crate) lowest: f32,
     /// Whether a NaN or +inf occurs.
-    bad: bool,
+    pub(crate) bad: bool,
     /// The first block of [`BLOCK`] vectors holding the max.
     block: usize,
 }

@@ -285,6 +285,22 @@ fn smoothing_corners() {
     }
 }
 
+/// Upstream gradients large enough that the gradient's writers take their NaN-preserving stores.
+#[test]
+fn huge_upstream_gradients() {
+    let (rows, vocab) = (4, 200);
+    let (x, t) = random(rows, vocab, 12, 2.0);
+    for g in [1e31f32, -3e33] {
+        for reduction in [LossReduction::Sum, LossReduction::None] {
+            let opts = LossOptions { reduction, ..LossOptions::default() };
+            for dtype in dtypes() {
+                check(&x, &t, vocab, dtype, &opts, Upstream::Scalar(g))
+                    .unwrap_or_else(|m| panic!("{g:e} {reduction:?} {dtype}: {m}"));
+            }
+        }
+    }
+}
+
 #[test]
 fn all_ignored_batches() {
     let (rows, vocab) = (4, 100);

@@ -761,3 +761,30 @@ proptest! {
         host_case(ctx, &x, dtype, vocab, &t, &opts, Upstream::Scalar(up));
     }
 }
+
+/// `xent bench --train --device gpu` gives the GPU rows (fused in place and separate, the unfused
+/// baseline, end to end), each against the GPU copy ceiling.
+#[test]
+fn cli_bench_train_gpu_rows() {
+    if gpu().is_none() {
+        return;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xent"))
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .args(["bench", "--train", "--device", "gpu", "--rows", "3", "--vocab", "1001", "--dtype", "f32,bf16"])
+        .args(["--iters", "1", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["results"].as_array().unwrap();
+    let paths: Vec<(&str, &str)> =
+        rows.iter().map(|r| (r["path"].as_str().unwrap(), r["dtype"].as_str().unwrap())).collect();
+    for path in ["gpu loss+grad in place", "gpu loss+grad separate", "gpu loss+grad end-to-end"] {
+        for dtype in ["f32", "bf16"] {
+            assert!(paths.contains(&(path, dtype)), "{path} {dtype} missing from {paths:?}");
+        }
+    }
+    assert!(paths.contains(&("gpu loss+grad unfused", "f32")), "{paths:?}");
+    assert!(rows.iter().all(|r| r["ceiling"] == "gpu copy" && r["ms"].as_f64().unwrap() > 0.0), "{rows:?}");
+}

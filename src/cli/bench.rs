@@ -498,9 +498,9 @@ mod train {
     /// (`gpu_copy`, read + written bytes per second):
     /// - "gpu loss+grad in place" / "gpu loss+grad separate": the fused kernel on resident
     ///   logits rotated over 256 MiB ([`xent::bench::TrainResident`]), device time;
-    /// - "gpu unfused baseline": log-softmax written out, then the gradient from it
+    /// - "gpu loss+grad unfused": log-softmax written out, then the gradient from it
     ///   ([`xent::bench::TrainUnfused`]; f32 that fits one binding);
-    /// - "gpu end-to-end (host)": [`GpuContext::loss_and_grad`] from host memory and back.
+    /// - "gpu loss+grad end-to-end": [`GpuContext::loss_and_grad`] from host memory and back.
     ///
     /// Bytes are those of the fused floor (2 reads + 1 write of the logits) on every row, so
     /// that GB/s compare the same work.
@@ -529,13 +529,13 @@ mod train {
         let targets: Vec<u32> = p.targets.iter().map(|&t| if t == xent::IGNORED_TARGET { 0 } else { t }).collect();
         if let Ok(unfused) = xent::bench::TrainUnfused::new(ctx, c.logits, &targets, &p.scale) {
             let t = time_gpu(c.iters, || unfused.run())?;
-            out.push(row("gpu unfused baseline", "log_softmax + gradient pass".into(), t.best()));
+            out.push(row("gpu loss+grad unfused", "log_softmax + gradient pass".into(), t.best()));
         }
         let mut grad = vec![0u8; c.logits.bytes().len()];
         let e2e = time(c.iters, || {
             Ok(ctx.loss_and_grad(c.logits, Targets::I64(c.targets), &c.opts, up, Some(&mut grad))?)
         })?;
-        out.push(row("gpu end-to-end (host)", format!("ring of {}", xent::RING), e2e));
+        out.push(row("gpu loss+grad end-to-end", format!("ring of {}", xent::RING), e2e));
         Ok(out)
     }
 
