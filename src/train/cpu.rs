@@ -53,19 +53,18 @@
 //!
 //! ## Measured
 //! A 2-core Intel Xeon VM (Sapphire Rapids, AVX-512, 2 MiB L2 per core), 2048 × 128256, nothing
-//! else running: `xent bench --train --device cpu --rows 2048 --vocab 128256` and
+//! else running: `xent bench --train --device cpu --rows 2048 --vocab 128256 --iters 7` and
 //! `benches/peers/train_torch_cpu.py` (torch 2.15, 2 threads) one after the other in each of
-//! three quiet windows, medians:
+//! three windows, medians (BENCHMARKS.md, "Training"):
 //!
 //! | dtype | in place | GB/s (2R + 1W) | % of copy | separate buffer | torch fwd + bwd | speed-up |
 //! |-------|---------:|---------------:|----------:|----------------:|----------------:|---------:|
-//! | f32   |  91.0 ms |           34.6 |       87% |        141.6 ms |          961 ms |    10.6× |
-//! | bf16  |  55.4 ms |           28.5 |       74% |         75.4 ms |          617 ms |    11.1× |
+//! | f32   | 101.6 ms |           31.0 |       84% |        154.6 ms |          922 ms |  9.0–10× |
+//! | bf16  |  58.3 ms |           27.1 |       71% |         77.4 ms |          598 ms | 9.7–10.3×|
 //!
 //! The copy — `memcpy` of a buffer of the logits' size, one piece per thread, timed in the same
-//! run — moved 38–42 GB/s (read + written). For scale, the forward alone (one read) takes 71 ms
-//! (f32) and 37 ms (bf16). A separate buffer costs a read for ownership of every destination
-//! line (non-temporal stores could avoid it; not done).
+//! run — moved 36–41 GB/s (read + written). A separate buffer costs a read for ownership of
+//! every destination line (non-temporal stores could avoid it; not done).
 
 use rayon::prelude::*;
 
