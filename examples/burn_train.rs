@@ -294,6 +294,7 @@ fn train(cfg: Config, variant: Variant) -> Result<Value> {
         "in_use_bwd": in_use_bwd,
         "in_place": stats.in_place,
         "separate": stats.separate,
+        "shared": stats.shared,
         "staged": stats.staged,
     }))
 }
@@ -389,9 +390,10 @@ fn main() -> Result<()> {
         );
     }
     println!(
-        "xent's backward: {} in place, {} into a new tensor, {} staged; logits {:.1} MiB",
+        "xent's backward: {} in place, {} into a new tensor ({} of them in the logits' buffer), {} staged; logits {:.1} MiB",
         xent["in_place"],
         xent["separate"],
+        xent["shared"],
         xent["staged"],
         (cfg.batch * cfg.seq * cfg.vocab * 4) as f64 / (1 << 20) as f64
     );

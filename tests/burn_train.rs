@@ -510,8 +510,8 @@ fn in_place_when_nothing_else_holds_the_logits() {
 
 #[test]
 fn large_logits_held_by_the_caller() {
-    // The gradient goes to a new tensor, which burn places in a buffer of its own (or in the
-    // logits' buffer, then through one of xent's): checked against burn's own loss either way.
+    // The gradient goes to a new tensor, which burn places in a buffer of its own or in the
+    // logits' buffer: checked against burn's own loss either way.
     let Some(device) = device() else { return };
     let before = xent::burn::train::backward_stats();
     let opts = LossOptions { label_smoothing: 0.05, ..LossOptions::default() };
@@ -519,5 +519,6 @@ fn large_logits_held_by_the_caller() {
     c.run(device).unwrap_or_else(|e| panic!("[40, 50257]: {e}"));
     let after = xent::burn::train::backward_stats();
     eprintln!("backward paths: {before:?} -> {after:?}");
-    assert!(after.separate + after.staged > before.separate + before.staged, "{after:?}");
+    // f32 gradients are never staged: in the logits' own buffer they are written directly.
+    assert!(after.separate > before.separate && after.staged == before.staged, "{after:?}");
 }

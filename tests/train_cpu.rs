@@ -502,7 +502,10 @@ fn errors() {
     for o in &bad {
         let e = run(o, &t, up).unwrap_err();
         assert!(matches!(e, Error::Argument(_) | Error::Shape(_)), "{o:?}: {e}");
+        // The check every path shares, on its own: the same words.
+        assert_eq!(o.validate(vocab).unwrap_err().to_string(), e.to_string(), "{o:?}");
     }
+    assert!(d.validate(vocab).is_ok());
     // Per-row upstream: only with `none`, one per row.
     let g3 = [1.0f32; 3];
     assert!(matches!(run(&d, &t, Upstream::PerRow(&g3)), Err(Error::Argument(_))));

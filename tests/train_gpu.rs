@@ -418,10 +418,24 @@ struct Layout {
     trail: usize,
 }
 
+/// Where an encode case writes the gradient.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Dest {
+    /// Over the logits.
+    InPlace,
+    /// Into a buffer of its own.
+    Separate,
+    /// Into the logits' buffer, in a region after theirs.
+    SharedAfter,
+    /// Into the logits' buffer, in a region before theirs.
+    SharedBefore,
+}
+
 /// One encode job over caller buffers with guard regions everywhere: logits (lead, padded or
-/// dense stride, trail), targets, scales, weights and results at offsets, and — in place or into
-/// a separate buffer of another stride — the gradient. Checks the guards and the reference, and
-/// returns the gradient's dense bytes and the rows.
+/// dense stride, trail), targets, scales, weights and results at offsets, and — in place, into a
+/// separate buffer of another stride, or into such a region of the logits' own buffer — the
+/// gradient. Checks the guards and the reference, and returns the gradient's dense bytes and the
+/// rows, or the error `encode_loss_and_grad` refused the job with.
 #[allow(clippy::too_many_arguments)]
 fn encode_case(
     ctx: &GpuContext,
@@ -431,11 +445,11 @@ fn encode_case(
     t: &[i64],
     opts: &LossOptions<'_>,
     layout: &Layout,
-    in_place: bool,
-) -> (Vec<u8>, Vec<TrainRow>) {
+    dest: Dest,
+) -> Result<(Vec<u8>, Vec<TrainRow>), xent::Error> {
     let rows = t.len();
     let device = ctx.device();
-    let what = format!("{rows} x {vocab} {dtype} lead {} pad {} in place {in_place}", layout.lead, layout.stride_pad);
+    let what = format!("{rows} x {vocab} {dtype} lead {} pad {} {dest:?}", layout.lead, layout.stride_pad);
     let stride = vocab + layout.stride_pad;
     let x_bytes = laid_out(x, dtype, rows, vocab, layout.lead, stride, layout.trail);
     let dense = to_bytes(x, dtype);
@@ -465,21 +479,33 @@ fn encode_case(
         xent::read_buffer(device, &staging, size, &mut out).unwrap();
         out
     };
-    let logits_buf = make("test logits", &x_bytes);
+    // A gradient of its own: its own lead (same element parity) and a stride 2 longer; in the
+    // logits' buffer, that layout after or before theirs.
+    let (g_lead, g_stride) = (layout.lead + 6, stride + 2);
+    let g_bytes = laid_out(&vec![0.0; rows * vocab], dtype, rows, vocab, g_lead, g_stride, 3);
+    let (x_at, g_at) = match dest {
+        Dest::SharedAfter => (0, x_bytes.len()),
+        Dest::SharedBefore => (g_bytes.len(), 0),
+        Dest::InPlace | Dest::Separate => (0, 0),
+    };
+    let shared = matches!(dest, Dest::SharedAfter | Dest::SharedBefore);
+    let logits_buf = match dest {
+        Dest::SharedAfter => make("test logits and gradient", &[x_bytes.clone(), g_bytes.clone()].concat()),
+        Dest::SharedBefore => make("test gradient and logits", &[g_bytes.clone(), x_bytes.clone()].concat()),
+        Dest::InPlace | Dest::Separate => make("test logits", &x_bytes),
+    };
     // Per-row inputs and results after three guard records.
     let pad = |bytes: &[u8], unit: usize| [vec![GUARD; 3 * unit], bytes.to_vec(), vec![GUARD; 2 * unit]].concat();
     let targets_buf = make("test targets", &pad(bytemuck::cast_slice(&p.targets), 4));
     let scale_buf = make("test scale", &pad(bytemuck::cast_slice(&p.scale), 4));
     let weight_buf = opts.weight.map(|w| make("test weights", &pad(bytemuck::cast_slice(w), 4)));
     let out_buf = make("test output", &vec![GUARD; (rows + 5) * 8]);
-    // A separate gradient: its own lead (same element parity) and a stride 2 longer.
-    let (g_lead, g_stride) = (layout.lead + 6, stride + 2);
-    let grad_buf = make("test gradient", &laid_out(&vec![0.0; rows * vocab], dtype, rows, vocab, g_lead, g_stride, 3));
-    let grad_guard_before = rows_and_guards(&read(&grad_buf), dtype, rows, vocab, g_lead, g_stride).1;
+    let grad_buf = if shared { None } else { Some(make("test gradient", &g_bytes)) };
+    let grad_guard_before = rows_and_guards(&g_bytes, dtype, rows, vocab, g_lead, g_stride).1;
     let es = dtype.size() as u64;
     let job = TrainEncodeJob {
         logits: &logits_buf,
-        logits_offset: layout.lead as u64 * es,
+        logits_offset: (x_at + layout.lead * dtype.size()) as u64,
         dtype,
         row_stride: stride as u64,
         rows: rows as u64,
@@ -495,14 +521,18 @@ fn encode_case(
         softcap: opts.softcap,
         output: &out_buf,
         output_offset: 3 * TRAIN_ROW_BYTES,
-        grad: if in_place {
-            GradOutput::InPlace
-        } else {
-            GradOutput::Buffer { buffer: &grad_buf, offset: g_lead as u64 * es, row_stride: g_stride as u64 }
+        grad: match &grad_buf {
+            _ if dest == Dest::InPlace => GradOutput::InPlace,
+            Some(buffer) => GradOutput::Buffer { buffer, offset: g_lead as u64 * es, row_stride: g_stride as u64 },
+            None => GradOutput::Buffer {
+                buffer: &logits_buf,
+                offset: (g_at + g_lead * dtype.size()) as u64,
+                row_stride: g_stride as u64,
+            },
         },
     };
     let mut encoder = device.create_command_encoder(&Default::default());
-    ctx.encode_loss_and_grad(&mut encoder, &job).unwrap_or_else(|e| panic!("{what}: {e}"));
+    ctx.encode_loss_and_grad(&mut encoder, &job)?;
     ctx.queue().submit([encoder.finish()]);
     let out = read(&out_buf);
     assert!(
@@ -510,26 +540,35 @@ fn encode_case(
         "{what}: results written outside the rows"
     );
     let got: Vec<TrainRow> = bytemuck::pod_collect_to_vec(&out[24..24 + rows * 8]);
-    let (x_after_dense, x_after_guards) = rows_and_guards(&read(&logits_buf), dtype, rows, vocab, layout.lead, stride);
+    let logits_after = read(&logits_buf);
+    let x_after = &logits_after[x_at..x_at + x_bytes.len()];
+    let (x_after_dense, x_after_guards) = rows_and_guards(x_after, dtype, rows, vocab, layout.lead, stride);
     let x_guards = rows_and_guards(&x_bytes, dtype, rows, vocab, layout.lead, stride).1;
     assert!(x_after_guards == x_guards, "{what}: bytes outside the logits rows changed");
-    let grad = if in_place {
+    let grad = if dest == Dest::InPlace {
         x_after_dense
     } else {
         assert!(x_after_dense == dense, "{what}: the logits changed");
-        let (g, guards) = rows_and_guards(&read(&grad_buf), dtype, rows, vocab, g_lead, g_stride);
+        let g_after = match &grad_buf {
+            Some(buffer) => read(buffer),
+            None => logits_after[g_at..g_at + g_bytes.len()].to_vec(),
+        };
+        let (g, guards) = rows_and_guards(&g_after, dtype, rows, vocab, g_lead, g_stride);
         assert!(guards == grad_guard_before, "{what}: bytes outside the gradient rows changed");
         g
     };
     let loss = xent::train::reduce(&got, opts.reduction, p.weight_sum);
     check(&got, loss, Some(&grad), &want, dtype, vocab, opts, &p.scale).unwrap_or_else(|m| panic!("{what}: {m}"));
     ctx.check_device_errors().unwrap();
-    (grad, got)
+    Ok((grad, got))
 }
 
-fn encode_layouts(ctx: &GpuContext) {
+/// Every layout and destination of [`encode_case`]; returns how many shared-buffer cases ran.
+/// With `small` bindings, a shared case may be refused for not fitting one binding.
+fn encode_layouts(ctx: &GpuContext, small: bool) -> usize {
     let w = weights(301, 9);
-    for (rows, vocab) in [(6usize, 301usize), (5, 64)] {
+    let mut shared_ran = 0;
+    for (rows, vocab) in [(6usize, 301usize), (5, 64), (40, 20)] {
         let (x, mut t) = random_case(rows, vocab, 13, 3.0);
         t[2] = -100;
         for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
@@ -539,30 +578,46 @@ fn encode_layouts(ctx: &GpuContext) {
                 Layout { lead: 1, stride_pad: 3, trail: 2 },
             ] {
                 for opts in [LossOptions::default(), all_options(&w[..vocab], LossReduction::Sum)] {
-                    let a = encode_case(ctx, &x, dtype, vocab, &t, &opts, &layout, true);
-                    let b = encode_case(ctx, &x, dtype, vocab, &t, &opts, &layout, false);
-                    assert!(a.0 == b.0, "{rows} x {vocab} {dtype}: in place and separate gradients differ");
-                    assert_eq!(bits(&a.1), bits(&b.1));
+                    let what = format!("{rows} x {vocab} {dtype} lead {}", layout.lead);
+                    let a = encode_case(ctx, &x, dtype, vocab, &t, &opts, &layout, Dest::InPlace)
+                        .unwrap_or_else(|e| panic!("{what} in place: {e}"));
+                    for dest in [Dest::Separate, Dest::SharedAfter, Dest::SharedBefore] {
+                        let b = match encode_case(ctx, &x, dtype, vocab, &t, &opts, &layout, dest) {
+                            Ok(b) => b,
+                            Err(xent::Error::Buffer(m))
+                                if small && dest != Dest::Separate && m.contains("largest storage binding") =>
+                            {
+                                continue
+                            }
+                            Err(e) => panic!("{what} {dest:?}: {e}"),
+                        };
+                        shared_ran += usize::from(dest != Dest::Separate);
+                        assert!(a.0 == b.0, "{what} {dest:?}: the gradient differs from in place");
+                        assert_eq!(bits(&a.1), bits(&b.1));
+                    }
                 }
             }
         }
     }
+    shared_ran
 }
 
 /// `encode_loss_and_grad` over caller buffers: offsets, padded and dense strides, odd element
 /// offsets for 16-bit types, under every kernel layout and with many chunks; nothing outside the
-/// rows changes, in place or not, and both give the same bits.
+/// rows changes — in place, into a separate buffer, or into a region of the logits' own buffer
+/// after or before theirs — and every destination gives the same bits.
 #[test]
 fn encode_with_guard_regions() {
     if gpu().is_none() {
         return;
     }
     for (_, ctx) in planned_gpus().iter().step_by(2) {
-        encode_layouts(ctx);
+        encode_layouts(ctx, false);
     }
     let mut small = new_gpu().unwrap();
     small_bindings(&mut small);
-    encode_layouts(&small);
+    // 40 x 20 in one buffer with its gradient is more than one small binding: shared chunks.
+    assert!(encode_layouts(&small, true) > 0, "no shared-buffer case fitted the small bindings");
 }
 
 #[test]
@@ -645,6 +700,55 @@ fn encode_rejects_bad_jobs() {
             Ok(()) => panic!("case {i} was accepted"),
         }
     }
+    // A gradient in the logits' own buffer: accepted in a region apart from theirs (after or
+    // before), refused when the regions share a word or do not fit one binding together.
+    let both = make(1200, storage);
+    let in_both = |offset| GradOutput::Buffer { buffer: &both, offset, row_stride: 25 };
+    let after = TrainEncodeJob { logits: &both, grad: in_both(400), ..job };
+    ctx.encode_loss_and_grad(&mut encoder, &after).unwrap();
+    ctx.encode_loss_and_grad(&mut encoder, &TrainEncodeJob { logits_offset: 400, grad: in_both(0), ..after }).unwrap();
+    // One f16 row of 48 from element 1: its last element ends at byte 98, inside word 96..100.
+    let f16_row = |offset| TrainEncodeJob {
+        dtype: Dtype::F16,
+        logits_offset: 2,
+        rows: 1,
+        vocab: 48,
+        row_stride: 48,
+        grad: GradOutput::Buffer { buffer: &both, offset, row_stride: 48 },
+        ..after
+    };
+    ctx.encode_loss_and_grad(&mut encoder, &f16_row(102)).unwrap();
+    for bad in
+        [TrainEncodeJob { grad: in_both(8), ..after }, TrainEncodeJob { grad: in_both(396), ..after }, f16_row(98)]
+    {
+        let e = ctx.encode_loss_and_grad(&mut encoder, &bad);
+        assert!(matches!(&e, Err(E::Buffer(m)) if m.contains("overlaps")), "{e:?}");
+    }
+    let mut small = new_gpu().unwrap();
+    small_bindings(&mut small);
+    let make_small = |size| {
+        small.device().create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage: storage,
+            mapped_at_creation: false,
+        })
+    };
+    let (far, s_targets, s_scale, s_out) = (make_small(20_000), make_small(16), make_small(16), make_small(32));
+    let far_job = TrainEncodeJob {
+        logits: &far,
+        targets: &s_targets,
+        scale: &s_scale,
+        output: &s_out,
+        grad: GradOutput::Buffer { buffer: &far, offset: 16_000, row_stride: 25 },
+        ..job
+    };
+    let mut small_encoder = small.device().create_command_encoder(&Default::default());
+    let e = small.encode_loss_and_grad(&mut small_encoder, &far_job);
+    assert!(matches!(&e, Err(E::Buffer(m)) if m.contains("largest storage binding")), "{e:?}");
+    let near = GradOutput::Buffer { buffer: &far, offset: 400, row_stride: 25 };
+    small.encode_loss_and_grad(&mut small_encoder, &TrainEncodeJob { grad: near, ..far_job }).unwrap();
+
     let weight = make(112, storage);
     let w = ClassWeights { buffer: &weight, offset: 0 };
     ctx.encode_loss_and_grad(&mut encoder, &TrainEncodeJob { weight: Some(w), ..job }).unwrap();

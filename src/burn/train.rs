@@ -104,7 +104,7 @@ pub fn cross_entropy<const D: usize, const E: usize>(
 ) -> Result<Tensor<1>> {
     let (rows, vocab) = super::check_shapes(logits, targets)?;
     let dtype = super::kernel_dtype(logits.dtype())?;
-    check_options(opts, vocab)?;
+    opts.validate(vocab)?;
     let device = logits.device();
     if targets.device() != device {
         return Err(Error::Engine("logits and targets are on different devices".into()));
@@ -198,14 +198,21 @@ pub struct BackwardStats {
     /// Over the logits' own buffer: nothing else held it when the backward ran.
     pub in_place: u64,
     /// Into a new burn tensor: the logits were still held (by the caller, or a view of them).
+    /// Includes [`BackwardStats::shared`].
     pub separate: u64,
-    /// Into a new burn tensor through a buffer of xent's, then copied: burn had placed the new
-    /// tensor in the logits' own wgpu buffer, which one dispatch cannot both read and write.
+    /// Of [`BackwardStats::separate`]: burn placed the new tensor in the logits' own wgpu buffer
+    /// (it sub-allocates tensors from shared pages), and the kernel wrote it there directly,
+    /// binding both regions at once.
+    pub shared: u64,
+    /// Into a new burn tensor through a buffer of xent's, then copied: burn placed the new tensor
+    /// where one dispatch cannot write it beside the logits — a 16-bit gradient whose element
+    /// parity differs from theirs, or a region of their buffer too far from theirs for one binding.
     pub staged: u64,
 }
 
 static IN_PLACE: AtomicU64 = AtomicU64::new(0);
 static SEPARATE: AtomicU64 = AtomicU64::new(0);
+static SHARED: AtomicU64 = AtomicU64::new(0);
 static STAGED: AtomicU64 = AtomicU64::new(0);
 
 /// How many backward passes of [`cross_entropy`] in this process wrote their gradient in place,
@@ -215,6 +222,7 @@ pub fn backward_stats() -> BackwardStats {
     BackwardStats {
         in_place: IN_PLACE.load(Ordering::Relaxed),
         separate: SEPARATE.load(Ordering::Relaxed),
+        shared: SHARED.load(Ordering::Relaxed),
         staged: STAGED.load(Ordering::Relaxed),
     }
 }
@@ -439,9 +447,15 @@ impl State {
         let g = super::storage(&grad)?;
         let es = self.dtype.size() as u64;
         let bytes = (self.rows * self.vocab) as u64 * es;
-        // burn sub-allocates tensors from shared buffers: when the gradient's is the logits' (or
-        // a 16-bit gradient's word parity differs from theirs), it goes through a buffer of ours.
-        let direct = g.buffer() != x.buffer() && (es == 4 || (g.offset() / 2) % 2 == (x.offset() / 2) % 2);
+        // burn sub-allocates tensors from shared pages, so the gradient may land in the logits'
+        // buffer: written there directly when both regions fit one binding (a page does), else —
+        // or when a 16-bit gradient's word parity differs from theirs — through a buffer of ours.
+        let shared = g.buffer() == x.buffer();
+        // (The encoder's rule: a row of each, as far apart as the regions, within one binding.)
+        let span = x.offset().abs_diff(g.offset()) + self.vocab as u64 * es;
+        let align = u64::from(self.ctx.device().limits().min_storage_buffer_offset_alignment);
+        let direct = (es == 4 || (g.offset() / 2) % 2 == (x.offset() / 2) % 2)
+            && (!shared || span + align + 4 <= self.ctx.max_binding_bytes());
         if direct {
             self.in_scopes(|encoder| {
                 copy_scale(encoder);
@@ -449,6 +463,9 @@ impl State {
                 self.encode(encoder, (x.buffer(), x.offset()), &scale_buffer, out, Records::Discard)
             })?;
             SEPARATE.fetch_add(1, Ordering::Relaxed);
+            if shared {
+                SHARED.fetch_add(1, Ordering::Relaxed);
+            }
         } else {
             // Whole words: burn aligns each tensor's start far beyond 4 bytes, so the word that
             // ends an odd-length 16-bit tensor holds nothing else.
@@ -532,30 +549,6 @@ fn kernel_targets(targets: Tensor<1, Int>, ignore_index: i64, vocab: usize) -> T
         Some(ignored) => t.mask_fill(ignored, -1),
         None => t,
     }
-}
-
-/// Checks the options against the vocabulary, as [`crate::train::prepare`] does.
-fn check_options(opts: &LossOptions<'_>, vocab: usize) -> Result<()> {
-    if !(0.0..=1.0).contains(&opts.label_smoothing) {
-        return Err(Error::Argument(format!("label_smoothing {} is outside [0, 1]", opts.label_smoothing)));
-    }
-    if !(opts.z_loss >= 0.0 && opts.z_loss.is_finite()) {
-        return Err(Error::Argument(format!("z_loss {} must be finite and >= 0", opts.z_loss)));
-    }
-    if let Some(cap) = opts.softcap {
-        if !(cap > 0.0 && cap.is_finite()) {
-            return Err(Error::Argument(format!("softcap {cap} must be finite and > 0")));
-        }
-    }
-    if let Some(w) = opts.weight {
-        if w.len() != vocab {
-            return Err(Error::Shape(format!("weight has {} values for a vocabulary of {vocab}", w.len())));
-        }
-        if let Some(j) = w.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Argument(format!("weight[{j}] = {} is not finite", w[j])));
-        }
-    }
-    Ok(())
 }
 
 fn prim_float<const D: usize>(tensor: Tensor<D>) -> Result<Primitive> {

@@ -33,11 +33,17 @@ pub enum GradOutput<'a> {
     /// Over the logits, in place: the logits buffer is bound read-write and each row's logits are
     /// replaced by their gradient (same dtype, offset and stride). Nothing outside the rows changes.
     InPlace,
-    /// Into a region of another buffer, in the logits' dtype: row `r`'s gradient is elements
+    /// Into a region of a buffer, in the logits' dtype: row `r`'s gradient is elements
     /// `[r * row_stride, r * row_stride + vocab)` from byte `offset`.
+    ///
+    /// The buffer may be the logits' own (engines sub-allocate tensors from shared buffers) when
+    /// the two regions — from the word holding each one's first element to the word holding its
+    /// last — do not overlap, and both fit one storage binding together (the span from the lower
+    /// region's start to the higher one's end, per chunk of rows): the logits are then bound
+    /// read-write once, as in place.
     Buffer {
-        /// Buffer receiving the gradient (usage must include `STORAGE`); not the logits buffer
-        /// (use [`GradOutput::InPlace`]), nor one holding targets, scales, weights or results.
+        /// Buffer receiving the gradient (usage must include `STORAGE`); not one holding
+        /// targets, scales, weights or results.
         buffer: &'a wgpu::Buffer,
         /// Byte offset of row 0's first gradient element; a multiple of the element size. For
         /// 16-bit dtypes, the same element parity as `logits_offset` (see [`TrainEncodeJob`]).
@@ -81,7 +87,8 @@ pub struct ClassWeights<'a> {
 ///   its logit;
 /// - a buffer written by the job (`output`, the gradient's buffer — the logits in place) is not
 ///   also bound for anything else: not read-only elsewhere (wgpu refuses that in one dispatch)
-///   and not twice writable (bindings would alias);
+///   and not twice writable (bindings would alias); the one exception is a gradient in the
+///   logits' buffer, in a region apart from theirs (see [`GradOutput::Buffer`]);
 /// - [`Error::Argument`]: `label_smoothing` in `[0, 1]`, `z_loss` finite and `>= 0`, `softcap`
 ///   finite and `> 0`.
 ///
@@ -190,22 +197,6 @@ pub(super) fn layout_entries(in_place: bool) -> Vec<wgpu::BindGroupLayoutEntry> 
     entries
 }
 
-/// Checks the loss options a job carries (as [`crate::train::prepare`] does).
-fn check_options(label_smoothing: f32, z_loss: f32, softcap: Option<f32>) -> Result<()> {
-    if !(0.0..=1.0).contains(&label_smoothing) {
-        return Err(Error::Argument(format!("label_smoothing {label_smoothing} is outside [0, 1]")));
-    }
-    if !(z_loss >= 0.0 && z_loss.is_finite()) {
-        return Err(Error::Argument(format!("z_loss {z_loss} must be finite and >= 0")));
-    }
-    if let Some(cap) = softcap {
-        if !(cap > 0.0 && cap.is_finite()) {
-            return Err(Error::Argument(format!("softcap {cap} must be finite and > 0")));
-        }
-    }
-    Ok(())
-}
-
 impl GpuContext {
     /// The layout the training kernel will use for `rows` rows of `vocab` logits: the forward
     /// kernel's planner ([`GpuContext::plan`]) with its thresholds. A split row costs two extra
@@ -250,12 +241,15 @@ impl GpuContext {
         if vocab == 0 {
             return Err(Error::Shape("vocab is 0".into()));
         }
-        check_options(job.label_smoothing, job.z_loss, job.softcap)?;
+        crate::train::check_scalars(job.label_smoothing, job.z_loss, job.softcap)?;
+        // A gradient in its own region of the logits' buffer is written by the in-place kernel
+        // (one read-write binding spanning both regions), at its own offsets.
+        let shared = matches!(job.grad, GradOutput::Buffer { buffer, .. } if buffer == job.logits);
         let (kernel, grad) = match job.grad {
             GradOutput::None => (Kernel::TrainSeparate, None),
             GradOutput::InPlace => (Kernel::TrainInPlace, Some((job.logits, job.logits_offset, job.row_stride))),
             GradOutput::Buffer { buffer, offset, row_stride } => {
-                (Kernel::TrainSeparate, Some((buffer, offset, row_stride)))
+                (if shared { Kernel::TrainInPlace } else { Kernel::TrainSeparate }, Some((buffer, offset, row_stride)))
             }
         };
         for (name, stride) in [("logits", Some(job.row_stride)), ("gradient", grad.map(|g| g.2))] {
@@ -294,7 +288,7 @@ impl GpuContext {
             }
         }
         // Aliasing: a buffer the job writes is bound once, never beside another view of itself.
-        let in_place = matches!(job.grad, GradOutput::InPlace);
+        let in_place = matches!(job.grad, GradOutput::InPlace) || shared;
         let mut bound: Vec<(&str, &wgpu::Buffer, bool)> = vec![
             ("logits", job.logits, in_place),
             ("targets", job.targets, false),
@@ -304,15 +298,14 @@ impl GpuContext {
         if let Some(w) = job.weight {
             bound.push(("weight", w.buffer, false));
         }
-        if let GradOutput::Buffer { buffer, .. } = job.grad {
+        if let (GradOutput::Buffer { buffer, .. }, false) = (job.grad, shared) {
             bound.push(("gradient", buffer, true));
         }
         for (i, (a, abuf, awrite)) in bound.iter().enumerate() {
             for (b, bbuf, bwrite) in &bound[i + 1..] {
                 if (*awrite || *bwrite) && abuf == bbuf {
                     return Err(Error::Buffer(format!(
-                        "the {a} and {b} buffers are one buffer, which the job writes: use separate buffers{}",
-                        if *b == "gradient" && *a == "logits" { " (or GradOutput::InPlace)" } else { "" }
+                        "the {a} and {b} buffers are one buffer, which the job writes: use separate buffers"
                     )));
                 }
             }
@@ -329,9 +322,19 @@ impl GpuContext {
         let per_row = |offset: u64, bytes: u64| {
             job.rows.checked_mul(bytes).and_then(|b| b.checked_add(offset)).ok_or_else(overflow)
         };
-        check_region("logits", job.logits, end_of(job.logits_offset, job.row_stride)?.next_multiple_of(4))?;
+        let logits_end = end_of(job.logits_offset, job.row_stride)?.next_multiple_of(4);
+        check_region("logits", job.logits, logits_end)?;
         if let GradOutput::Buffer { buffer, offset, row_stride } = job.grad {
-            check_region("gradient", buffer, end_of(offset, row_stride)?.next_multiple_of(4))?;
+            let grad_end = end_of(offset, row_stride)?.next_multiple_of(4);
+            check_region("gradient", buffer, grad_end)?;
+            // Whole words: a word holding an element of each would be rewritten under a reader.
+            if shared && offset / 4 * 4 < logits_end && job.logits_offset / 4 * 4 < grad_end {
+                return Err(Error::Buffer(format!(
+                    "the gradient's region (bytes {offset}..{grad_end}) overlaps the logits' ({}..{logits_end}) \
+                     in their shared buffer: use GradOutput::InPlace, or regions apart",
+                    job.logits_offset
+                )));
+            }
         }
         check_region("targets", job.targets, per_row(job.targets_offset, 4)?)?;
         check_region("scale", job.scale, per_row(job.scale_offset, 4)?)?;
@@ -348,7 +351,30 @@ impl GpuContext {
         if let GradOutput::Buffer { row_stride, .. } = job.grad {
             layout.push((job.dtype, row_stride));
         }
-        let chunk = self.rows_per_chunk_for(kernel, &layout, vocab)?;
+        let mut chunk = self.rows_per_chunk_for(kernel, &layout, vocab)?;
+        if let (GradOutput::Buffer { offset, row_stride, .. }, true) = (job.grad, shared) {
+            // One binding spans both regions' rows of a chunk: at most the widest distance between
+            // a row's logits and its gradient (at the first or last row) plus the rows themselves.
+            let start_gap = |r: u64| {
+                let a = i128::from(job.logits_offset) + i128::from(r) * i128::from(job.row_stride * es);
+                let b = i128::from(offset) + i128::from(r) * i128::from(row_stride * es);
+                (a - b).unsigned_abs()
+            };
+            let gap = start_gap(0).max(start_gap(job.rows - 1));
+            let stride = job.row_stride.max(row_stride);
+            let room = u128::from(self.max_binding.saturating_sub(align + 4));
+            let fits = room.checked_sub(gap + u128::from(vocab * es)).map(|left| left / u128::from(stride * es) + 1);
+            match fits {
+                Some(rows) => chunk = chunk.min(rows.min(u128::from(u64::MAX)) as u64),
+                None => {
+                    return Err(Error::Buffer(format!(
+                        "the gradient's region is {gap} bytes from the logits' in their shared buffer: \
+                         together they exceed this adapter's largest storage binding ({} bytes); use another buffer",
+                        self.max_binding
+                    )))
+                }
+            }
+        }
         let n_chunks = job.rows.div_ceil(chunk);
         let params_size = std::mem::size_of::<Params>() as u64;
         let train_size = std::mem::size_of::<TrainParams>() as u64;
@@ -389,16 +415,27 @@ impl GpuContext {
             let per_row_window = |buffer, offset: u64, bytes: u64| {
                 self.window(buffer, offset + r0 * bytes, offset + (r0 + rows) * bytes, bytes)
             };
-            let logits = rows_window(job.logits, job.logits_offset, job.row_stride);
+            let mut logits = rows_window(job.logits, job.logits_offset, job.row_stride);
             let grad_window = match job.grad {
                 GradOutput::Buffer { buffer, offset, row_stride } => Some(rows_window(buffer, offset, row_stride)),
                 _ => None,
             };
+            // Shared: one window over both regions, each side's first element counted from it.
+            let mut shared_b_first = None;
+            if let (true, Some(g)) = (shared, &grad_window) {
+                let (a0, b0) = (logits.offset + logits.first * es, g.offset + g.first * es);
+                let start = logits.offset.min(g.offset);
+                let end = (logits.offset + logits.size).max(g.offset + g.size);
+                logits = super::Window { offset: start, size: end - start, first: (a0 - start) / es };
+                shared_b_first = Some((b0 - start) / es);
+            }
+            let grad_window = if shared { None } else { grad_window };
             let targets = per_row_window(job.targets, job.targets_offset, 4);
             let scale = per_row_window(job.scale, job.scale_offset, 4);
             let output = per_row_window(job.output, job.output_offset, TRAIN_ROW_BYTES);
-            let (b_offset, b_stride) = match (&grad_window, job.grad) {
-                (Some(w), GradOutput::Buffer { row_stride, .. }) => (w.first, row_stride),
+            let (b_offset, b_stride) = match (&grad_window, job.grad, shared_b_first) {
+                (_, GradOutput::Buffer { row_stride, .. }, Some(first)) => (first, row_stride),
+                (Some(w), GradOutput::Buffer { row_stride, .. }, _) => (w.first, row_stride),
                 _ => (logits.first, job.row_stride),
             };
             let groups = grid((rows * u64::from(split)).div_ceil(u64::from(plan.rows_per_workgroup)));
@@ -504,7 +541,7 @@ impl GpuContext {
                     entries.push(buffer_entry(6, buffer, w.offset, w.size))
                 }
                 (GradOutput::None, _, Some(none)) => entries.push(buffer_entry(6, none, 0, 16)),
-                _ => {} // in place: no binding 6
+                _ => {} // in place, or in the logits' buffer: no binding 6
             }
             let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some(&format!("xent {name} bind group")),

@@ -79,6 +79,44 @@ pub struct LossOptions<'a> {
     pub softcap: Option<f32>,
 }
 
+impl LossOptions<'_> {
+    /// Checks the options against a vocabulary of `vocab` classes: what [`prepare`] checks of
+    /// them (every path runs this, so that each refuses the same options with the same words).
+    ///
+    /// # Errors
+    /// [`Error::Argument`] for a smoothing outside `[0, 1]`, a negative or non-finite z-loss, a
+    /// soft-cap that is not positive and finite, or non-finite weights; [`Error::Shape`] for
+    /// weights not of length `vocab`.
+    pub fn validate(&self, vocab: usize) -> Result<()> {
+        check_scalars(self.label_smoothing, self.z_loss, self.softcap)?;
+        if let Some(w) = self.weight {
+            if w.len() != vocab {
+                return Err(Error::Shape(format!("weight has {} values for a vocabulary of {vocab}", w.len())));
+            }
+            if let Some(j) = w.iter().position(|v| !v.is_finite()) {
+                return Err(Error::Argument(format!("weight[{j}] = {} is not finite", w[j])));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The scalar options' ranges (smoothing, z-loss, soft-cap), as [`LossOptions::validate`].
+pub(crate) fn check_scalars(label_smoothing: f32, z_loss: f32, softcap: Option<f32>) -> Result<()> {
+    if !(0.0..=1.0).contains(&label_smoothing) {
+        return Err(Error::Argument(format!("label_smoothing {label_smoothing} is outside [0, 1]")));
+    }
+    if !(z_loss >= 0.0 && z_loss.is_finite()) {
+        return Err(Error::Argument(format!("z_loss {z_loss} must be finite and >= 0")));
+    }
+    if let Some(cap) = softcap {
+        if !(cap > 0.0 && cap.is_finite()) {
+            return Err(Error::Argument(format!("softcap {cap} must be finite and > 0")));
+        }
+    }
+    Ok(())
+}
+
 impl Default for LossOptions<'_> {
     fn default() -> Self {
         LossOptions {
@@ -152,25 +190,7 @@ pub struct Prepared {
 pub fn prepare(logits: Logits<'_>, targets: Targets<'_>, opts: &LossOptions<'_>, up: Upstream<'_>) -> Result<Prepared> {
     let (rows, vocab) = (logits.rows(), logits.vocab());
     let t = validate_targets(targets, rows, vocab, &Options { ignore_index: opts.ignore_index })?;
-    if !(0.0..=1.0).contains(&opts.label_smoothing) {
-        return Err(Error::Argument(format!("label_smoothing {} is outside [0, 1]", opts.label_smoothing)));
-    }
-    if !(opts.z_loss >= 0.0 && opts.z_loss.is_finite()) {
-        return Err(Error::Argument(format!("z_loss {} must be finite and >= 0", opts.z_loss)));
-    }
-    if let Some(cap) = opts.softcap {
-        if !(cap > 0.0 && cap.is_finite()) {
-            return Err(Error::Argument(format!("softcap {cap} must be finite and > 0")));
-        }
-    }
-    if let Some(w) = opts.weight {
-        if w.len() != vocab {
-            return Err(Error::Shape(format!("weight has {} values for a vocabulary of {vocab}", w.len())));
-        }
-        if let Some(j) = w.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Argument(format!("weight[{j}] = {} is not finite", w[j])));
-        }
-    }
+    opts.validate(vocab)?;
     let weight_of = |c: u32| opts.weight.map_or(1.0, |w| f64::from(w[c as usize]));
     let weight_sum: f64 = t.iter().filter(|&&c| c != crate::IGNORED_TARGET).map(|&c| weight_of(c)).sum();
     let weight_total = opts.weight.map_or(vocab as f64, |w| w.iter().map(|&v| f64::from(v)).sum());
