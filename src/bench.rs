@@ -116,6 +116,11 @@ fn finish_timed(ctx: &GpuContext, mut encoder: wgpu::CommandEncoder, timer: Opti
 
 /// Uploads `bytes` into a new storage buffer in 64 MiB pieces (bounded staging memory).
 fn upload(ctx: &GpuContext, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
+    upload_with(ctx, label, bytes, wgpu::BufferUsages::empty())
+}
+
+/// [`upload`], the buffer also having `usage` (beside `STORAGE | COPY_DST`).
+fn upload_with(ctx: &GpuContext, label: &str, bytes: &[u8], usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
     let size = (bytes.len() as u64).next_multiple_of(16).max(16);
     if size > ctx.device().limits().max_buffer_size {
         return Err(Error::Shape(format!(
@@ -123,7 +128,7 @@ fn upload(ctx: &GpuContext, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
             ctx.device().limits().max_buffer_size
         )));
     }
-    let buf = buffer(ctx, label, size, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST);
+    let buf = buffer(ctx, label, size, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | usage);
     const PIECE: usize = 64 << 20;
     for (i, piece) in bytes.chunks(PIECE).enumerate() {
         let mut padded = piece.to_vec();
@@ -632,27 +637,9 @@ impl<'c> KldUnfused<'c> {
 // GPU loss and gradient (issue 12): the fused kernel on resident rows, and its unfused baseline.
 // ---------------------------------------------------------------------------------------------
 
-/// A storage buffer holding `bytes` (padded to 16), readable back by a copy: [`upload`] with
-/// `COPY_SRC` (checked against the largest buffer, written in 64 MiB pieces).
+/// A storage buffer holding `bytes` (padded to 16), readable back by a copy.
 fn upload_readable(ctx: &GpuContext, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
-    let size = (bytes.len() as u64).next_multiple_of(16).max(16);
-    if size > ctx.device().limits().max_buffer_size {
-        return Err(Error::Shape(format!(
-            "{size} bytes exceed this device's largest buffer ({} bytes)",
-            ctx.device().limits().max_buffer_size
-        )));
-    }
-    use wgpu::BufferUsages as U;
-    let buf = buffer(ctx, label, size, U::STORAGE | U::COPY_DST | U::COPY_SRC);
-    const PIECE: usize = 64 << 20;
-    for (i, piece) in bytes.chunks(PIECE).enumerate() {
-        let mut padded = piece.to_vec();
-        padded.resize(piece.len().next_multiple_of(4), 0);
-        ctx.queue().write_buffer(&buf, (i * PIECE) as u64, &padded);
-        ctx.queue().submit([]);
-    }
-    ctx.device().poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
-    Ok(buf)
+    upload_with(ctx, label, bytes, wgpu::BufferUsages::COPY_SRC)
 }
 
 /// Copies `size` bytes of `src` out through a staging buffer.
