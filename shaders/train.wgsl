@@ -355,7 +355,9 @@ fn grad_of(x: f32, j: u32, r: RowGrad) -> f32 {
         let q = z / train.softcap;
         d *= 1.0 - q * q;
     }
-    return select(select(r.g * d, 0.0, r.mode == GRAD_ZERO), nan(), r.mode == GRAD_NAN);
+    // A zero term stays an exact 0 under an infinite upstream gradient (not 0 · inf = NaN), as
+    // on the CPU.
+    return select(select(r.g * d, 0.0, r.mode == GRAD_ZERO || d == 0.0), nan(), r.mode == GRAD_NAN);
 }
 
 // f32 to f16 bits, rounding to nearest even (overflow to ±inf, NaN quiet), the same on every

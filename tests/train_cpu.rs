@@ -301,6 +301,37 @@ fn huge_upstream_gradients() {
     }
 }
 
+/// An infinite upstream gradient (or a factor that overflows f32): logits far below the row's
+/// max still get an exact 0 — on every dtype's path, 16-bit rows (which keep the sum pass's
+/// terms) as f32 rows — and the other elements (the target's `−w_t · g` included) are infinite
+/// or NaN, never finite.
+#[test]
+fn infinite_upstream_keeps_flushed_terms_zero() {
+    let (rows, vocab) = (8, 70);
+    let mut x = vec![0f32; rows * vocab];
+    for (i, v) in x.iter_mut().enumerate() {
+        // Small integers (exact in every dtype), and every seventh logit 200 below the rest.
+        *v = if i % 7 == 3 { -200.0 } else { (i % 5) as f32 };
+    }
+    let t: Vec<i64> = (0..rows as i64).map(|r| r * 3 % vocab as i64).collect();
+    let opts = LossOptions { reduction: LossReduction::Sum, ..LossOptions::default() };
+    for up in [f32::INFINITY, f32::NEG_INFINITY] {
+        for dtype in dtypes() {
+            let mut g = dtype.encode(&x);
+            cpu::loss_and_grad_in_place(&mut g, dtype, vocab, Targets::I64(&t), &opts, Upstream::Scalar(up)).unwrap();
+            for i in 0..rows * vocab {
+                let v = get(dtype, &g, i);
+                let target = t[i / vocab] as usize == i % vocab;
+                if i % 7 == 3 && !target {
+                    assert!(v == 0.0, "{dtype} {up}: grad[{i}] = {v}, want 0 (flushed term)");
+                } else {
+                    assert!(!v.is_finite(), "{dtype} {up}: grad[{i}] = {v}, want ±inf or NaN");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn all_ignored_batches() {
     let (rows, vocab) = (4, 100);

@@ -479,9 +479,11 @@ fn encode_case(
         xent::read_buffer(device, &staging, size, &mut out).unwrap();
         out
     };
-    // A gradient of its own: its own lead (same element parity) and a stride 2 longer; in the
-    // logits' buffer, that layout after or before theirs.
-    let (g_lead, g_stride) = (layout.lead + 6, stride + 2);
+    // A gradient of its own: its own lead (same element parity), dense rows when the logits' are
+    // (16-bit rows then share words, as engines lay gradients out), else a stride 2 longer; in
+    // the logits' buffer, that layout after or before theirs.
+    let g_lead = layout.lead + 6;
+    let g_stride = if layout.stride_pad == 0 { stride } else { stride + 2 };
     let g_bytes = laid_out(&vec![0.0; rows * vocab], dtype, rows, vocab, g_lead, g_stride, 3);
     let (x_at, g_at) = match dest {
         Dest::SharedAfter => (0, x_bytes.len()),
@@ -568,7 +570,7 @@ fn encode_case(
 fn encode_layouts(ctx: &GpuContext, small: bool) -> usize {
     let w = weights(301, 9);
     let mut shared_ran = 0;
-    for (rows, vocab) in [(6usize, 301usize), (5, 64), (40, 20)] {
+    for (rows, vocab) in [(6usize, 301usize), (5, 64), (40, 20), (60, 21)] {
         let (x, mut t) = random_case(rows, vocab, 13, 3.0);
         t[2] = -100;
         for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
@@ -616,7 +618,8 @@ fn encode_with_guard_regions() {
     }
     let mut small = new_gpu().unwrap();
     small_bindings(&mut small);
-    // 40 x 20 in one buffer with its gradient is more than one small binding: shared chunks.
+    // 40 x 20 (f32) and 60 x 21 (16-bit, odd: chunks end inside a word) in one buffer with their
+    // gradient are more than one small binding: shared chunks.
     assert!(encode_layouts(&small, true) > 0, "no shared-buffer case fitted the small bindings");
 }
 
@@ -718,6 +721,10 @@ fn encode_rejects_bad_jobs() {
         ..after
     };
     ctx.encode_loss_and_grad(&mut encoder, &f16_row(102)).unwrap();
+    // One row needs no stride (0 is allowed), apart or not.
+    let one_row = TrainEncodeJob { rows: 1, row_stride: 0, ..after };
+    let apart = GradOutput::Buffer { buffer: &both, offset: 400, row_stride: 0 };
+    ctx.encode_loss_and_grad(&mut encoder, &TrainEncodeJob { grad: apart, ..one_row }).unwrap();
     for bad in
         [TrainEncodeJob { grad: in_both(8), ..after }, TrainEncodeJob { grad: in_both(396), ..after }, f16_row(98)]
     {
@@ -891,4 +898,31 @@ fn cli_bench_train_gpu_rows() {
     }
     assert!(paths.contains(&("gpu loss+grad unfused", "f32")), "{paths:?}");
     assert!(rows.iter().all(|r| r["ceiling"] == "gpu copy" && r["ms"].as_f64().unwrap() > 0.0), "{rows:?}");
+}
+
+/// An infinite upstream gradient: logits far below the row's max get an exact 0, as on the CPU
+/// (`train_cpu.rs`), every other element is infinite or NaN.
+#[test]
+fn infinite_upstream_keeps_flushed_terms_zero() {
+    let Some(ctx) = gpu() else { return };
+    let (rows, vocab) = (8, 70);
+    let x: Vec<f32> = (0..rows * vocab).map(|i| if i % 7 == 3 { -200.0 } else { (i % 5) as f32 }).collect();
+    let t: Vec<i64> = (0..rows as i64).map(|r| r * 3 % vocab as i64).collect();
+    let opts = LossOptions { reduction: LossReduction::Sum, ..LossOptions::default() };
+    for up in [f32::INFINITY, f32::NEG_INFINITY] {
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            let mut g = to_bytes(&x, dtype);
+            ctx.loss_and_grad_in_place(&mut g, dtype, vocab, Targets::I64(&t), &opts, Upstream::Scalar(up)).unwrap();
+            let grad = Logits::from_bytes(&g, dtype, rows, vocab).unwrap();
+            for i in 0..rows * vocab {
+                let v = grad.get(i / vocab, i % vocab);
+                let target = t[i / vocab] as usize == i % vocab;
+                if i % 7 == 3 && !target {
+                    assert!(v == 0.0, "{dtype} {up}: grad[{i}] = {v}, want 0 (flushed term)");
+                } else {
+                    assert!(!v.is_finite(), "{dtype} {up}: grad[{i}] = {v}, want ±inf or NaN");
+                }
+            }
+        }
+    }
 }

@@ -361,7 +361,7 @@ impl GpuContext {
                 (a - b).unsigned_abs()
             };
             let gap = start_gap(0).max(start_gap(job.rows - 1));
-            let stride = job.row_stride.max(row_stride);
+            let stride = job.row_stride.max(row_stride).max(1);
             let room = u128::from(self.max_binding.saturating_sub(align + 4));
             let fits = room.checked_sub(gap + u128::from(vocab * es)).map(|left| left / u128::from(stride * es) + 1);
             match fits {

@@ -551,7 +551,8 @@ trait Kern: Copy {
     /// Pass 2 of the stashed fast variant over the leading logits, where the type has a faster
     /// way than [`sum_stash`]'s: `Σ e^(x − m)` (flushed below [`FLUSH`]), each term kept in
     /// `stash` in an order of its own that [`Kern::grad_stash_fast`] reads back; returns how many
-    /// logits it did (a multiple of [`LANES`]) and their sum.
+    /// logits it did (a multiple of [`LANES`]) and their sum. Implement both or neither: the
+    /// generic passes read the stash in natural order.
     #[inline(always)]
     fn sum_stash_fast(_bytes: &[u8], _m: f32, _stash: &mut [f32]) -> (usize, f64) {
         (0, 0.0)
@@ -813,8 +814,17 @@ mod x86_kern {
         for i in 0..pairs {
             ahead.prefetch(i * 64);
             let e = &stash[i * 32..i * 32 + 32];
-            let even = _mm512_mul_ps(_mm512_loadu_ps(e.as_ptr()), s);
-            let odd = _mm512_mul_ps(_mm512_loadu_ps(e[16..].as_ptr()), s);
+            // Not finite: flushed (zero) terms stay exactly 0, as in the generic code.
+            let scaled = |t: __m512| {
+                let g = _mm512_mul_ps(t, s);
+                if FINITE {
+                    g
+                } else {
+                    _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(t, _mm512_setzero_ps()), g)
+                }
+            };
+            let even = scaled(_mm512_loadu_ps(e.as_ptr()));
+            let odd = scaled(_mm512_loadu_ps(e[16..].as_ptr()));
             let out = _mm512_mask_blend_epi16(0xaaaa_aaaa, _mm512_srli_epi32::<16>(round(even)), round(odd));
             let lo = at + i * 64;
             _mm512_storeu_si512(buf.dst()[lo..lo + 64].as_mut_ptr().cast(), out);
@@ -1117,14 +1127,17 @@ fn sum_stash<K: Kern>(bytes: &[u8], m: f32, stash: &mut [f32], _: K) -> f64 {
 fn grad_stash<K: Kern, B: RowBuf>(buf: &mut B, at: usize, n: usize, stash: &[f32], sp: f32, ahead: Ahead, _: K) {
     let v = LANES * K::N;
     let full = n / LANES;
-    // Terms are at most 1: the products are finite when `sp` is.
+    // Terms are at most 1: the products are finite when `sp` is. When it is not (an infinite
+    // upstream, an overflowing factor), flushed terms still give an exact 0, as the plain path's
+    // masked lanes do (0 · inf would be NaN).
     let finite = sp.abs() < 1e30;
+    let term = |e: f32| if finite || e != 0.0 { e * sp } else { 0.0 };
     let done = K::grad_stash_fast(buf, at, n, stash, sp, finite, ahead) / LANES;
     for i in done..full {
         let lo = at + i * v;
         ahead.prefetch(i * v);
         let e = &stash[i * LANES..(i + 1) * LANES];
-        let g: [f32; LANES] = map16(|l| e[l] * sp);
+        let g: [f32; LANES] = map16(|l| term(e[l]));
         if finite {
             K::store_finite(&mut buf.dst()[lo..lo + v], g);
         } else {
@@ -1133,7 +1146,7 @@ fn grad_stash<K: Kern, B: RowBuf>(buf: &mut B, at: usize, n: usize, stash: &[f32
     }
     let dst = buf.dst();
     for j in full * LANES..n {
-        K::put(&mut dst[at + j * K::N..at + (j + 1) * K::N], stash[j] * sp);
+        K::put(&mut dst[at + j * K::N..at + (j + 1) * K::N], term(stash[j]));
     }
 }
 
