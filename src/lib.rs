@@ -85,8 +85,8 @@ pub mod train;
 
 pub use error::{Error, Result};
 pub use gpu::{
-    read_buffer, ClassWeights, EncodeJob, GpuContext, GradOutput, KldEncodeJob, Plan, Reduction, TrainEncodeJob,
-    KLD_ROW_BYTES, ROW_LOSS_BYTES, TRAIN_ROW_BYTES,
+    adapters, read_buffer, ClassWeights, EncodeJob, GpuContext, GradOutput, KldEncodeJob, Plan, Reduction,
+    TrainEncodeJob, KLD_ROW_BYTES, ROW_LOSS_BYTES, TRAIN_ROW_BYTES,
 };
 pub use problem::{validate_targets, Dtype, Logits, Options, RowLoss, Targets, IGNORED_TARGET};
 pub use stream::{KldKernel, KldStream, ScoreKernel, Stream, StreamKernel, RING};

@@ -382,3 +382,52 @@ fn auto_prefers_the_cpu_over_a_software_adapter() {
     assert_eq!(json.contains("cpu fast"), software, "{json}");
     assert_eq!(stderr(&o).contains("software renderer"), software, "{}", stderr(&o));
 }
+
+/// `XENT_ADAPTER=N` opens the N-th adapter `xent info` lists; an index out of range or not a
+/// number is a one-line error. With both software drivers installed (lavapipe and SwiftShader,
+/// as CI has them), indices 0 and 1 open two different adapters.
+#[test]
+fn adapter_by_index() {
+    if !gpu_available() {
+        return;
+    }
+    let info = |icd: Option<&str>, index: &str| {
+        let mut c = xent();
+        c.arg("info").env("XENT_ADAPTER", index);
+        if let Some(icd) = icd {
+            c.env("VK_ICD_FILENAMES", icd);
+        }
+        c.output().unwrap()
+    };
+    // The adapter a run opened, and the list it printed.
+    let opened = |o: &Output| {
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let name = out.lines().find_map(|l| l.strip_prefix("adapter ")).unwrap_or_default().trim().to_string();
+        let list: Vec<String> = out
+            .lines()
+            .skip_while(|l| !l.starts_with("adapters ("))
+            .skip(1)
+            .map(|l| l.trim().split_once("  ").map_or("", |(_, rest)| rest).to_string())
+            .collect();
+        (name, list)
+    };
+    let o = info(None, "0");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (name, list) = opened(&o);
+    assert!(!list.is_empty() && list[0].starts_with(&format!("{name} (")), "{name:?} vs {list:?}");
+    for bad in ["99", "first", "-1"] {
+        let o = info(None, bad);
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(e.contains(&format!("XENT_ADAPTER={bad}")) && e.trim().lines().count() == 1, "{e}");
+    }
+    let icds = ["/usr/share/vulkan/icd.d/lvp_icd.x86_64.json", "/usr/lib/chromium/vk_swiftshader_icd.json"];
+    if icds.iter().all(|p| Path::new(p).exists()) {
+        let both = icds.join(":");
+        let (a, list_a) = opened(&info(Some(&both), "0"));
+        let (b, list_b) = opened(&info(Some(&both), "1"));
+        assert_eq!(list_a, list_b);
+        assert!(list_a.len() >= 2 && a != b, "{a:?} {b:?} {list_a:?}");
+        assert!(list_a[0].starts_with(&format!("{a} (")) && list_a[1].starts_with(&format!("{b} (")), "{list_a:?}");
+    }
+}

@@ -36,8 +36,11 @@ covers. A partial result never passes for a whole one: the exit code is 1 unless
 each sequence is dropped), so per-shard scoring equals one run over all files.
 
 GPU note: xent opens its GPU through wgpu (Vulkan), which does not follow the
-``CUDA_VISIBLE_DEVICES`` Ray sets for a ``num_gpus=1`` task; on a node with several GPUs, tasks
-there may share one adapter. Scoring stays correct, only slower.
+``CUDA_VISIBLE_DEVICES`` Ray sets for a ``num_gpus=1`` task. Each GPU task therefore sets
+``XENT_ADAPTER`` to the GPU id Ray gave it (``ray.get_gpu_ids()``), so that tasks on a node with
+several GPUs each open their own. xent counts adapters hardware first, in the drivers' order —
+PCI bus order on NVIDIA, which is Ray's/CUDA's numbering with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``
+(the usual case for identical GPUs); ``xent info`` lists the adapters with their PCI ids.
 """
 
 from __future__ import annotations
@@ -63,6 +66,12 @@ Device = Literal["auto", "gpu", "cpu"]
 # --------------------------------------------------------------------------------------------
 
 
+def pin_adapter(gpu_ids: list) -> None:
+    """Points xent at the GPU Ray assigned this task (``XENT_ADAPTER``), when it is one numeric id."""
+    if len(gpu_ids) == 1 and str(gpu_ids[0]).isdigit():
+        os.environ["XENT_ADAPTER"] = str(gpu_ids[0])
+
+
 @ray.remote(max_retries=2, retry_exceptions=True)
 def score_shard(
     name: str, logits: str, targets: str, device: Device, ignore_index: int, shift: bool, chunk_mib: int
@@ -70,6 +79,8 @@ def score_shard(
     """Scores one shard pair where the task runs; returns its Summary and where/how it ran."""
     import socket
 
+    if device == "gpu":
+        pin_adapter(ray.get_gpu_ids())
     start = time.perf_counter()
     summary = xent.score_files(
         logits,

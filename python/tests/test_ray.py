@@ -165,3 +165,16 @@ def test_ray_corrupt_shard_is_reported_and_partial(ray_cluster, shard_dir, tmp_p
     written = json.loads(out.read_text())
     assert written["shards_covered"] == 7 and written["missing"] == ["shard-005.npy"]
     assert _exact(written) == _exact(seven.to_json())
+
+
+def test_gpu_tasks_pin_the_adapter_ray_assigned(monkeypatch):
+    """A GPU task points xent at its own GPU (XENT_ADAPTER = Ray's one numeric GPU id); ids it
+    cannot map (none, several, UUIDs) leave the variable alone."""
+    monkeypatch.delenv("XENT_ADAPTER", raising=False)
+    for ids in ([], [0, 1], ["GPU-5f0c9a1e"]):
+        ray_eval.pin_adapter(ids)
+        assert "XENT_ADAPTER" not in os.environ, ids
+    ray_eval.pin_adapter([3])
+    assert os.environ["XENT_ADAPTER"] == "3"
+    ray_eval.pin_adapter(["1"])
+    assert os.environ["XENT_ADAPTER"] == "1"

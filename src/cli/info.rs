@@ -1,4 +1,5 @@
-//! `xent info`: the adapter, backend, features and the limits the kernels plan with.
+//! `xent info`: the adapter, backend, features and the limits the kernels plan with, and every
+//! adapter `XENT_ADAPTER` can pick.
 
 use anyhow::Result;
 use xent::{Dtype, GpuContext};
@@ -12,6 +13,7 @@ pub struct InfoArgs {}
 /// # Errors
 /// No GPU adapter, or a device that cannot be created.
 pub fn run(_: &InfoArgs) -> Result<()> {
+    let all = xent::adapters();
     let ctx = GpuContext::new()?;
     let i = ctx.adapter_info();
     let l = ctx.device().limits();
@@ -37,6 +39,11 @@ pub fn run(_: &InfoArgs) -> Result<()> {
             "rows per chunk {dtype:>4} x {vocab:<9} {}",
             ctx.rows_per_chunk(dtype, vocab, vocab).map_or_else(|e| e.to_string(), |n| n.to_string())
         );
+    }
+    println!("adapters (XENT_ADAPTER=N opens the N-th; unset, the best):");
+    for (n, a) in all.iter().enumerate() {
+        let bus = if a.device_pci_bus_id.is_empty() { String::new() } else { format!(", PCI {}", a.device_pci_bus_id) };
+        println!("  {n}  {} ({:?}, {:?}{bus})", a.name, a.backend, a.device_type);
     }
     Ok(())
 }

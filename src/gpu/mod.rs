@@ -369,12 +369,52 @@ impl std::fmt::Debug for GpuContext {
     }
 }
 
+/// The backends xent opens: those `WGPU_BACKEND` names, else Vulkan, Metal, DX12 (and WebGPU in
+/// a browser); GL only when asked for.
+fn backends() -> wgpu::Backends {
+    wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY)
+}
+
+/// `adapters` in the order `XENT_ADAPTER` counts them: hardware first (discrete, integrated,
+/// virtual, other), software renderers last; within a kind, as the drivers list them.
+fn ordered(mut adapters: Vec<wgpu::Adapter>) -> Vec<wgpu::Adapter> {
+    let rank = |t: wgpu::DeviceType| match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    };
+    adapters.sort_by_key(|a| rank(a.get_info().device_type));
+    adapters
+}
+
+/// Every adapter this machine offers, in the order the `XENT_ADAPTER` variable counts them
+/// (index 0 first): hardware first (discrete, integrated, virtual, other), software renderers
+/// last; within a kind, as the drivers list them. On a node with several identical GPUs that is
+/// normally their PCI bus order, which is also CUDA's order when `CUDA_DEVICE_ORDER=PCI_BUS_ID`.
+pub fn adapters() -> Vec<wgpu::AdapterInfo> {
+    let instance = instance();
+    let list = pollster::block_on(instance.enumerate_adapters(backends()));
+    ordered(list).iter().map(wgpu::Adapter::get_info).collect()
+}
+
+/// A wgpu instance over [`backends`].
+fn instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends();
+    wgpu::Instance::new(desc)
+}
+
 impl GpuContext {
-    /// Opens the best adapter (high performance; `WGPU_BACKEND` and `WGPU_ADAPTER_NAME` are honoured)
-    /// with every limit it offers, so that bindings can be as large as the hardware allows.
+    /// Opens the best adapter (high performance) with every limit it offers, so that bindings
+    /// can be as large as the hardware allows. `XENT_ADAPTER=N` opens the `N`-th adapter of
+    /// [`adapters`] instead (one GPU per process on a multi-GPU node; `xent info` lists them);
+    /// wgpu's `WGPU_BACKEND` and `WGPU_ADAPTER_NAME` (a part of the adapter's name) are honoured.
     ///
     /// # Errors
-    /// [`Error::NoAdapter`] when no adapter exists or the device cannot be opened.
+    /// [`Error::NoAdapter`] when no adapter exists, `XENT_ADAPTER` or `WGPU_ADAPTER_NAME` names
+    /// none, or the device cannot be opened.
     pub fn new() -> Result<Self> {
         pollster::block_on(Self::new_async())
     }
@@ -384,23 +424,34 @@ impl GpuContext {
     /// # Errors
     /// As [`GpuContext::new`].
     pub async fn new_async() -> Result<Self> {
-        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
-        // Vulkan, Metal, DX12 (and WebGPU in a browser); GL only when asked for by WGPU_BACKEND.
-        let desc_backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
-        desc.backends = desc_backends;
-        let instance = wgpu::Instance::new(desc);
-        let adapter = match std::env::var("WGPU_ADAPTER_NAME") {
+        let instance = instance();
+        let by_index = std::env::var("XENT_ADAPTER").ok().filter(|v| !v.trim().is_empty());
+        let adapter = match (by_index, std::env::var("WGPU_ADAPTER_NAME")) {
+            (Some(v), _) => {
+                let adapters = ordered(instance.enumerate_adapters(backends()).await);
+                let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+                let n = names.len();
+                let i: usize = v.trim().parse().map_err(|_| {
+                    Error::NoAdapter(format!(
+                        "XENT_ADAPTER={v} is not an adapter index (0, 1, ...; {n} here: {names:?})"
+                    ))
+                })?;
+                adapters.into_iter().nth(i).ok_or_else(|| {
+                    let s = if n == 1 { "" } else { "s" };
+                    Error::NoAdapter(format!("XENT_ADAPTER={i}, but this machine has {n} adapter{s}: {names:?}"))
+                })?
+            }
             // wgpu's own helper for this variable panics when nothing matches: an error is kinder.
-            Ok(name) => {
+            (None, Ok(name)) => {
                 let wanted = name.to_lowercase();
-                let adapters = instance.enumerate_adapters(desc_backends).await;
+                let adapters = instance.enumerate_adapters(backends()).await;
                 let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
                 adapters
                     .into_iter()
                     .find(|a| a.get_info().name.to_lowercase().contains(&wanted))
                     .ok_or_else(|| Error::NoAdapter(format!("WGPU_ADAPTER_NAME={name} matches none of {names:?}")))?
             }
-            Err(_) => instance
+            (None, Err(_)) => instance
                 .request_adapter(&wgpu::RequestAdapterOptions {
                     power_preference: wgpu::PowerPreference::HighPerformance,
                     ..Default::default()
