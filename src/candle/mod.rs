@@ -16,6 +16,9 @@
 //!   graph (`logits.apply_op2_no_bwd(&targets, &op)`; forward only).
 //! - [`with_logits`]: borrow a candle tensor as [`Logits`], for anything else in xent that reads
 //!   host logits ([`crate::GpuContext::score`], [`crate::kld::cpu::kld`], ...).
+//! - [`train::cross_entropy`]: for training, the loss with every option of
+//!   [`crate::train::LossOptions`] as a differentiable candle op: `loss.backward()` runs xent's
+//!   fast CPU gradient.
 //!
 //! ## What is accepted
 //! - **Logits**: `[N, V]` or `[B, T, V]` (any rank ≥ 1; the last dimension is the vocabulary), f32,
@@ -69,6 +72,8 @@ use candle_core::{CpuStorage, CustomOp2, Device, Layout, Shape, Storage, Tensor}
 
 use crate::error::{Error, Result};
 use crate::problem::{Logits, Options, RowLoss, Targets};
+
+pub mod train;
 
 /// Per-token negative log-likelihood of `targets` under `logits`, with the default [`Options`]
 /// (ignore index -100).
@@ -174,7 +179,13 @@ impl CustomOp2 for CrossEntropyOp {
 /// The one place both entry points meet: validated views of the two storages, then the fast path.
 fn score_storages(x: &CpuStorage, xl: &Layout, t: &CpuStorage, tl: &Layout, opts: &Options) -> Result<Vec<RowLoss>> {
     let logits = logits_view(x, xl)?;
-    let lead = &xl.dims()[..xl.dims().len() - 1];
+    with_targets(t, tl, xl, |targets| crate::cpu::score(logits, targets, opts))
+}
+
+/// Calls `f` with the targets of logits laid out as `xl`: checked to have the logits' shape
+/// without the last dimension, read through their layout (borrowed when contiguous).
+fn with_targets<R>(t: &CpuStorage, tl: &Layout, xl: &Layout, f: impl FnOnce(Targets<'_>) -> Result<R>) -> Result<R> {
+    let lead = &xl.dims()[..xl.dims().len().saturating_sub(1)];
     if tl.dims() != lead {
         return Err(Error::Shape(format!(
             "targets have shape {:?} but logits of shape {:?} need targets of shape {lead:?}",
@@ -183,9 +194,9 @@ fn score_storages(x: &CpuStorage, xl: &Layout, t: &CpuStorage, tl: &Layout, opts
         )));
     }
     match t {
-        CpuStorage::U32(v) => crate::cpu::score(logits, Targets::U32(&read_strided(v, tl)?), opts),
-        CpuStorage::I32(v) => crate::cpu::score(logits, Targets::I32(&read_strided(v, tl)?), opts),
-        CpuStorage::I64(v) => crate::cpu::score(logits, Targets::I64(&read_strided(v, tl)?), opts),
+        CpuStorage::U32(v) => f(Targets::U32(&read_strided(v, tl)?)),
+        CpuStorage::I32(v) => f(Targets::I32(&read_strided(v, tl)?)),
+        CpuStorage::I64(v) => f(Targets::I64(&read_strided(v, tl)?)),
         other => Err(Error::Dtype {
             dtype: other.dtype().as_str().to_string(),
             expected: "candle targets must be u32, i32 or i64".into(),
