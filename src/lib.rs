@@ -32,8 +32,15 @@
 //! - [`eval::evaluate`]: shards of `.npy` / `.safetensors` files read in bounded memory, with
 //!   `shift`, per-token and per-sequence results.
 //! - [`cpu::score`]: the fast multi-threaded CPU path; [`reference::score`]: the f64 oracle.
-//! - `candle::cross_entropy` (feature `candle`): the fast CPU path on candle's CPU tensors,
-//!   read in place, and a candle `CustomOp2` that puts it in a candle graph.
+//! - Training ([`train`]): the loss **and its gradient** with PyTorch's options plus z-loss and
+//!   soft-cap ([`train::LossOptions`]): [`train::cpu::loss_and_grad`] (and `_in_place`),
+//!   [`GpuContext::loss_and_grad`], [`GpuContext::encode_loss_and_grad`] over the caller's
+//!   buffers (in place, or into another region), [`train::reference::cross_entropy`] (f64).
+//! - `burn::cross_entropy` / `burn::train::cross_entropy` (feature `burn`): the kernel on burn's
+//!   own wgpu device and buffers; under burn's autodiff, `loss.backward()` runs xent's gradient.
+//! - `candle::cross_entropy` / `candle::train::cross_entropy` (feature `candle`): the fast CPU
+//!   path on candle's CPU tensors, read in place, as a candle op (the training one differentiable).
+//! - [`adapters`]: the GPUs `XENT_ADAPTER=N` chooses among (one per process on multi-GPU nodes).
 //! - [`Summary`]: exact, mergeable sums giving mean nll, perplexity ± standard error, bits per
 //!   token, accuracy.
 //! - KL divergence of a test model from a base ([`kld`]): [`GpuContext::kld`] (host slices),
